@@ -1,0 +1,147 @@
+"""BART's post-LayerNorm encoder and decoder layers (transformers' `BartEncoderLayer`,
+`BartDecoderLayer`), parameter names as in transformers."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bart_jax.activations import get_activation
+from bart_jax.attention import BartAttention
+from bart_jax.config import BartConfig
+
+Array = jax.Array
+Dtype = Any
+LAYER_NORM_EPSILON = 1e-5
+
+
+def layer_norm(dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+    # Flax computes LayerNorm statistics in float32 for low-precision inputs.
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, param_dtype=param_dtype)
+
+
+class FeedForwardMixin:
+    """fc1 -> activation -> dropout -> fc2, shared by both layer kinds (parameter names as transformers)."""
+
+    def setup_feed_forward(self, ffn_dim: int):
+        init = nn.initializers.normal(self.config.init_std)
+        self.fc1 = nn.Dense(ffn_dim, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
+        self.fc2 = nn.Dense(self.config.d_model, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
+        self.activation_dropout = nn.Dropout(self.config.activation_dropout)
+
+    def feed_forward(self, hidden_states: Array, deterministic: bool) -> Array:
+        hidden_states = get_activation(self.config.activation_function)(self.fc1(hidden_states))
+        hidden_states = self.activation_dropout(hidden_states, deterministic=deterministic)
+        return self.fc2(hidden_states)
+
+
+class BartEncoderLayer(FeedForwardMixin, nn.Module):
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        config = self.config
+        self.self_attn = BartAttention(
+            config.d_model, config.encoder_attention_heads, config.attention_dropout, config.init_std,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        self.self_attn_layer_norm = layer_norm(self.dtype, self.param_dtype)
+        self.setup_feed_forward(config.encoder_ffn_dim)
+        self.final_layer_norm = layer_norm(self.dtype, self.param_dtype)
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def __call__(
+        self,
+        hidden_states: Array,
+        mask: Optional[Array],
+        layer_head_mask: Optional[Array] = None,
+        deterministic: bool = True,
+    ) -> tuple[Array, Array]:
+        """hidden_states [batch, length, d_model] -> (same shape, attention weights [batch, heads, length, length])."""
+        residual = hidden_states
+        hidden_states, weights, _ = self.self_attn(
+            hidden_states, mask=mask, layer_head_mask=layer_head_mask, deterministic=deterministic
+        )
+        hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
+        hidden_states = self.self_attn_layer_norm(residual + hidden_states)
+
+        residual = hidden_states
+        hidden_states = self.feed_forward(hidden_states, deterministic)
+        hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
+        hidden_states = self.final_layer_norm(residual + hidden_states)
+        return hidden_states, weights
+
+
+class BartDecoderLayer(FeedForwardMixin, nn.Module):
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        config = self.config
+        attention = dict(
+            embed_dim=config.d_model, num_heads=config.decoder_attention_heads, dropout=config.attention_dropout,
+            init_std=config.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        self.self_attn = BartAttention(**attention)
+        self.self_attn_layer_norm = layer_norm(self.dtype, self.param_dtype)
+        self.encoder_attn = BartAttention(**attention)
+        self.encoder_attn_layer_norm = layer_norm(self.dtype, self.param_dtype)
+        self.setup_feed_forward(config.decoder_ffn_dim)
+        self.final_layer_norm = layer_norm(self.dtype, self.param_dtype)
+        self.residual_dropout = nn.Dropout(config.dropout)
+
+    def project_cross_key_value(self, encoder_hidden_states: Array) -> dict[str, Array]:
+        """encoder_hidden_states [batch, source, d_model] -> {"key","value"} [batch, source, heads, head_dim]."""
+        return self.encoder_attn.project_key_value(encoder_hidden_states)
+
+    def __call__(
+        self,
+        hidden_states: Array,
+        self_attention_mask: Optional[Array],
+        encoder_hidden_states: Optional[Array] = None,
+        cross_attention_mask: Optional[Array] = None,
+        cross_key_value: Optional[dict[str, Array]] = None,
+        cache: Optional[dict[str, Array]] = None,
+        cache_index: Optional[Array] = None,
+        layer_head_mask: Optional[Array] = None,
+        cross_attn_layer_head_mask: Optional[Array] = None,
+        deterministic: bool = True,
+    ):
+        """hidden_states [rows, length, d_model]; cross-attention uses `cross_key_value` when given,
+        else `encoder_hidden_states`, and is skipped when both are None (decoder-only use).
+
+        Returns (hidden_states, self-attention weights, cross-attention weights or None, new cache).
+        """
+        residual = hidden_states
+        hidden_states, self_weights, new_cache = self.self_attn(
+            hidden_states, mask=self_attention_mask, cache=cache, cache_index=cache_index,
+            layer_head_mask=layer_head_mask, deterministic=deterministic,
+        )
+        hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
+        hidden_states = self.self_attn_layer_norm(residual + hidden_states)
+
+        cross_weights = None
+        if encoder_hidden_states is not None or cross_key_value is not None:
+            residual = hidden_states
+            hidden_states, cross_weights, _ = self.encoder_attn(
+                hidden_states, mask=cross_attention_mask, key_value_states=encoder_hidden_states,
+                key_value=cross_key_value, layer_head_mask=cross_attn_layer_head_mask, deterministic=deterministic,
+            )
+            hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
+            hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
+        elif self.is_initializing():
+            # transformers always creates the cross-attention weights, also for decoder-only use;
+            # create them here too so that checkpoints convert with one fixed table.
+            self.encoder_attn(hidden_states)
+            self.encoder_attn_layer_norm(hidden_states)
+
+        residual = hidden_states
+        hidden_states = self.feed_forward(hidden_states, deterministic)
+        hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
+        hidden_states = self.final_layer_norm(residual + hidden_states)
+        return hidden_states, self_weights, cross_weights, new_cache

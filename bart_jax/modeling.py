@@ -1,0 +1,556 @@
+"""BART's encoder, decoder and the five transformers heads as Flax linen modules.
+
+Parameters follow transformers' module names (`model/encoder/layers_0/self_attn/q_proj/kernel`
+for `model.encoder.layers.0.self_attn.q_proj.weight`), so that checkpoint conversion is a
+fixed table (bart_jax/conversion.py). Every module takes `dtype` (computation) and
+`param_dtype`; softmax, LayerNorm statistics and losses run in float32.
+
+Input ids are right-padded; positions are `past_length + arange(length)` (offset by 2 in the
+position table, as in fairseq/transformers), never derived from the padding mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bart_jax import losses
+from bart_jax.attention import combine_masks, make_causal_mask, padding_mask
+from bart_jax.config import BartConfig
+from bart_jax.layers import BartDecoderLayer, BartEncoderLayer, layer_norm
+from bart_jax.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqOutput
+
+Array = jax.Array
+Dtype = Any
+POSITION_OFFSET = 2
+
+
+def shift_tokens_right(input_ids: Array, pad_token_id: int, decoder_start_token_id: int) -> Array:
+    """Decoder inputs from labels: prepend decoder_start_token_id, drop the last token, -100 -> pad.
+
+    input_ids: [batch, length] -> [batch, length].
+    """
+    input_ids = jnp.asarray(input_ids)
+    start = jnp.full((input_ids.shape[0], 1), decoder_start_token_id, dtype=input_ids.dtype)
+    shifted = jnp.concatenate([start, input_ids[:, :-1]], axis=1)
+    return jnp.where(shifted == losses.IGNORE_INDEX, pad_token_id, shifted)
+
+
+def last_eos_index(input_ids: Array, eos_token_id: int) -> Array:
+    """Position of the last EOS in each row (the classification head's pooling position).
+
+    input_ids: [batch, length] -> [batch] int32. Rows without EOS give length - 1; callers
+    validate that outside jit (see bart_jax.validation).
+    """
+    length = input_ids.shape[1]
+    is_eos = (input_ids == eos_token_id)[:, ::-1]
+    return (length - 1 - jnp.argmax(is_eos, axis=1)).astype(jnp.int32)
+
+
+def token_embedding_init(std: float, padding_idx: int):
+    """Normal(0, std) with the padding row zeroed, as transformers initialises `nn.Embedding(padding_idx=...)`."""
+
+    def init(key, shape, dtype=jnp.float32):
+        table = nn.initializers.normal(std)(key, shape, dtype)
+        return table.at[padding_idx].set(0) if 0 <= padding_idx < shape[0] else table
+
+    return init
+
+
+def _layerdrop(module: nn.Module, rate: float, deterministic: bool, skipped, computed):
+    """LayerDrop (Fan et al., 2019): with probability `rate` keep the layer's input instead of its output.
+
+    A traced random draw, not a Python branch, so it is jit-safe; the layer still runs.
+    """
+    if deterministic or rate == 0.0:
+        return computed
+    drop = jax.random.uniform(module.make_rng("dropout")) < rate
+    return jax.tree_util.tree_map(lambda old, new: jnp.where(drop, old, new), skipped, computed)
+
+
+def _head_mask_row(head_mask: Optional[Array], index: int) -> Optional[Array]:
+    return None if head_mask is None else head_mask[index]
+
+
+class BartEncoder(nn.Module):
+    config: BartConfig
+    shared_embedding: nn.Embed  # the token embedding, owned by BartModel ("shared")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        config = self.config
+        self.embed_positions = nn.Embed(
+            config.max_position_embeddings + POSITION_OFFSET, config.d_model,
+            embedding_init=nn.initializers.normal(config.init_std), dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        self.layers = [BartEncoderLayer(config, self.dtype, self.param_dtype) for _ in range(config.encoder_layers)]
+        self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+
+    def __call__(
+        self,
+        input_ids: Optional[Array] = None,
+        attention_mask: Optional[Array] = None,
+        inputs_embeds: Optional[Array] = None,
+        head_mask: Optional[Array] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> EncoderOutput:
+        """input_ids [batch, length] (or inputs_embeds [batch, length, d_model]); attention_mask
+        [batch, length] 0/1; head_mask [encoder_layers, heads]."""
+        config = self.config
+        if inputs_embeds is None:
+            embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+            inputs_embeds = self.shared_embedding(input_ids) * jnp.asarray(embed_scale, self.dtype)
+        length = inputs_embeds.shape[1]
+        positions = self.embed_positions(jnp.arange(length) + POSITION_OFFSET)
+        hidden_states = self.layernorm_embedding(inputs_embeds.astype(self.dtype) + positions[None])
+        hidden_states = self.embedding_dropout(hidden_states, deterministic=deterministic)
+        mask = padding_mask(attention_mask)
+
+        all_hidden_states = (hidden_states,)
+        all_attentions = ()
+        for index, layer in enumerate(self.layers):
+            computed = layer(hidden_states, mask, _head_mask_row(head_mask, index), deterministic)
+            hidden_states, weights = _layerdrop(
+                self, config.encoder_layerdrop, deterministic, (hidden_states, jnp.zeros_like(computed[1])), computed
+            )
+            all_hidden_states += (hidden_states,)
+            all_attentions += (weights,)
+        return EncoderOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states if output_hidden_states else None,
+            attentions=all_attentions if output_attentions else None,
+        )
+
+
+class BartDecoder(nn.Module):
+    config: BartConfig
+    shared_embedding: Optional[nn.Embed] = None  # None: the decoder owns `embed_tokens` (BartForCausalLM)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        config = self.config
+        if self.shared_embedding is None:
+            self.embed_tokens = nn.Embed(
+                config.vocab_size, config.d_model, embedding_init=token_embedding_init(config.init_std, config.pad_token_id),
+                dtype=self.dtype, param_dtype=self.param_dtype,
+            )
+        self.embed_positions = nn.Embed(
+            config.max_position_embeddings + POSITION_OFFSET, config.d_model,
+            embedding_init=nn.initializers.normal(config.init_std), dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        self.layers = [BartDecoderLayer(config, self.dtype, self.param_dtype) for _ in range(config.decoder_layers)]
+        self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+
+    @property
+    def token_embedding(self) -> nn.Embed:
+        return self.embed_tokens if self.shared_embedding is None else self.shared_embedding
+
+    def project_cross_key_values(self, encoder_hidden_states: Array) -> tuple[dict[str, Array], ...]:
+        """Each layer's cross-attention keys/values, computed once per source.
+
+        encoder_hidden_states [batch, source, d_model] -> tuple over layers of
+        {"key", "value"}: [batch, source, heads, head_dim].
+        """
+        return tuple(layer.project_cross_key_value(encoder_hidden_states) for layer in self.layers)
+
+    def __call__(
+        self,
+        input_ids: Optional[Array] = None,
+        attention_mask: Optional[Array] = None,
+        encoder_hidden_states: Optional[Array] = None,
+        encoder_attention_mask: Optional[Array] = None,
+        inputs_embeds: Optional[Array] = None,
+        head_mask: Optional[Array] = None,
+        cross_attn_head_mask: Optional[Array] = None,
+        cross_key_values: Optional[tuple[dict[str, Array], ...]] = None,
+        cache: Optional[tuple[dict[str, Array], ...]] = None,
+        cache_index: Optional[Array] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> DecoderOutput:
+        """input_ids [rows, length] (or inputs_embeds); attention_mask [rows, key_length] 0/1 where
+        key_length is `length` without a cache and the cache's max_length with one.
+
+        Cross-attention reads `cross_key_values` (from `project_cross_key_values`) when given,
+        else projects `encoder_hidden_states` [batch, source, d_model]; `rows` may be a multiple
+        of `batch` (beams). `encoder_attention_mask`: [batch, source]. With `cache` (from
+        bart_jax.cache.init_cache) the new tokens are written at `cache_index` and attend to
+        every earlier cached position.
+        """
+        config = self.config
+        if inputs_embeds is None:
+            embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+            inputs_embeds = self.token_embedding(input_ids) * jnp.asarray(embed_scale, self.dtype)
+        length = inputs_embeds.shape[1]
+        past_length = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        query_positions = past_length + jnp.arange(length)
+        hidden_states = inputs_embeds.astype(self.dtype) + self.embed_positions(query_positions + POSITION_OFFSET)[None]
+        hidden_states = self.layernorm_embedding(hidden_states)
+        hidden_states = self.embedding_dropout(hidden_states, deterministic=deterministic)
+
+        key_length = length if cache is None else cache[0]["key"].shape[1]
+        self_mask = combine_masks(make_causal_mask(query_positions, key_length), padding_mask(attention_mask))
+        cross_mask = padding_mask(encoder_attention_mask)
+
+        all_hidden_states = (hidden_states,)
+        all_self_attentions, all_cross_attentions, new_cache = (), (), ()
+        for index, layer in enumerate(self.layers):
+            computed = layer(
+                hidden_states,
+                self_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                cross_attention_mask=cross_mask,
+                cross_key_value=None if cross_key_values is None else cross_key_values[index],
+                cache=None if cache is None else cache[index],
+                cache_index=past_length,
+                layer_head_mask=_head_mask_row(head_mask, index),
+                cross_attn_layer_head_mask=_head_mask_row(cross_attn_head_mask, index),
+                deterministic=deterministic,
+            )
+            skipped = (hidden_states,) + tuple(
+                None if value is None else jnp.zeros_like(value) for value in computed[1:3]
+            ) + (None if cache is None else cache[index],)
+            hidden_states, self_weights, cross_weights, layer_cache = _layerdrop(
+                self, config.decoder_layerdrop, deterministic, skipped, computed
+            )
+            all_hidden_states += (hidden_states,)
+            all_self_attentions += (self_weights,)
+            all_cross_attentions += (cross_weights,)
+            new_cache += (layer_cache,)
+        has_cross = encoder_hidden_states is not None or cross_key_values is not None
+        return DecoderOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states if output_hidden_states else None,
+            attentions=all_self_attentions if output_attentions else None,
+            cross_attentions=all_cross_attentions if output_attentions and has_cross else None,
+            cache=None if cache is None else new_cache,
+        )
+
+
+class BartModel(nn.Module):
+    """The bare encoder-decoder (transformers' `BartModel`): returns the decoder's last hidden state."""
+
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        config = self.config
+        self.shared = nn.Embed(
+            config.vocab_size, config.d_model, embedding_init=token_embedding_init(config.init_std, config.pad_token_id),
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        self.encoder = BartEncoder(config, self.shared, self.dtype, self.param_dtype)
+        self.decoder = BartDecoder(config, self.shared, self.dtype, self.param_dtype)
+
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, head_mask=None,
+               output_attentions=False, output_hidden_states=False, deterministic=True) -> EncoderOutput:
+        """Runs the encoder alone; see `BartEncoder.__call__`."""
+        return self.encoder(input_ids, attention_mask, inputs_embeds, head_mask, output_attentions,
+                            output_hidden_states, deterministic)
+
+    def decode(self, decoder_input_ids=None, encoder_hidden_states=None, encoder_attention_mask=None,
+               decoder_attention_mask=None, decoder_inputs_embeds=None, decoder_head_mask=None,
+               cross_attn_head_mask=None, cross_key_values=None, cache=None, cache_index=None,
+               output_attentions=False, output_hidden_states=False, deterministic=True) -> DecoderOutput:
+        """Runs the decoder alone; see `BartDecoder.__call__`."""
+        return self.decoder(
+            decoder_input_ids, decoder_attention_mask, encoder_hidden_states, encoder_attention_mask,
+            decoder_inputs_embeds, decoder_head_mask, cross_attn_head_mask, cross_key_values, cache, cache_index,
+            output_attentions, output_hidden_states, deterministic,
+        )
+
+    def __call__(
+        self,
+        input_ids: Optional[Array] = None,
+        attention_mask: Optional[Array] = None,
+        decoder_input_ids: Optional[Array] = None,
+        decoder_attention_mask: Optional[Array] = None,
+        head_mask: Optional[Array] = None,
+        decoder_head_mask: Optional[Array] = None,
+        cross_attn_head_mask: Optional[Array] = None,
+        encoder_outputs: Optional[EncoderOutput] = None,
+        inputs_embeds: Optional[Array] = None,
+        decoder_inputs_embeds: Optional[Array] = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> Seq2SeqOutput:
+        """The full encoder-decoder pass with transformers' argument names.
+
+        Without decoder_input_ids/decoder_inputs_embeds, the decoder reads input_ids shifted right.
+        """
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass decoder_input_ids or decoder_inputs_embeds, or input_ids to shift right")
+            decoder_input_ids = shift_tokens_right(
+                input_ids, self.config.pad_token_id, self.config.decoder_start_token_id
+            )
+        if encoder_outputs is None:
+            encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, head_mask, output_attentions,
+                                          output_hidden_states, deterministic)
+        decoder_outputs = self.decode(
+            decoder_input_ids, encoder_outputs.last_hidden_state, attention_mask, decoder_attention_mask,
+            decoder_inputs_embeds, decoder_head_mask, cross_attn_head_mask,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            deterministic=deterministic,
+        )
+        return Seq2SeqOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+class BartForConditionalGeneration(nn.Module):
+    """BART with the language-modelling head (tied to the shared embedding) and `final_logits_bias`."""
+
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        config = self.config
+        self.model = BartModel(config, self.dtype, self.param_dtype)
+        self.final_logits_bias = self.param(
+            "final_logits_bias", nn.initializers.zeros, (1, config.vocab_size), self.param_dtype
+        )
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.normal(config.init_std),
+            )
+
+    def lm_logits(self, hidden_states: Array) -> Array:
+        """hidden_states [..., d_model] -> logits [..., vocab] in the compute dtype."""
+        if self.config.tie_word_embeddings:
+            logits = self.model.shared.attend(hidden_states)
+        else:
+            logits = self.lm_head(hidden_states)
+        return logits + self.final_logits_bias[0].astype(logits.dtype)
+
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, head_mask=None,
+               output_attentions=False, output_hidden_states=False, deterministic=True) -> EncoderOutput:
+        """Runs the encoder alone: input_ids [batch, source] -> EncoderOutput."""
+        return self.model.encode(input_ids, attention_mask, inputs_embeds, head_mask, output_attentions,
+                                 output_hidden_states, deterministic)
+
+    def project_cross_key_values(self, encoder_hidden_states: Array) -> tuple[dict[str, Array], ...]:
+        """encoder_hidden_states [batch, source, d_model] -> per layer {"key","value"} [batch, source, heads, head_dim]."""
+        return self.model.decoder.project_cross_key_values(encoder_hidden_states)
+
+    def decode_step(
+        self,
+        decoder_input_ids: Array,
+        cache: tuple[dict[str, Array], ...],
+        cache_index: Array,
+        cross_key_values: tuple[dict[str, Array], ...],
+        encoder_attention_mask: Optional[Array] = None,
+    ) -> tuple[Array, tuple[dict[str, Array], ...]]:
+        """One incremental decoder call over a static cache.
+
+        decoder_input_ids [rows, length] written at positions cache_index.. cache_index+length-1;
+        cross_key_values per layer [batch, source, heads, head_dim] with rows = batch * beams;
+        encoder_attention_mask [batch, source]. Returns (float32 logits [rows, length, vocab], new cache).
+        """
+        outputs = self.model.decode(
+            decoder_input_ids, encoder_attention_mask=encoder_attention_mask, cross_key_values=cross_key_values,
+            cache=cache, cache_index=cache_index,
+        )
+        return self.lm_logits(outputs.last_hidden_state).astype(jnp.float32), outputs.cache
+
+    def decode(self, decoder_input_ids=None, encoder_hidden_states=None, encoder_attention_mask=None,
+               decoder_attention_mask=None, **kwargs) -> CausalLMOutput:
+        """Decoder plus LM head: returns CausalLMOutput(logits [rows, length, vocab], ...)."""
+        outputs = self.model.decode(decoder_input_ids, encoder_hidden_states, encoder_attention_mask,
+                                    decoder_attention_mask, **kwargs)
+        return CausalLMOutput(
+            logits=self.lm_logits(outputs.last_hidden_state), hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, cross_attentions=outputs.cross_attentions, cache=outputs.cache,
+        )
+
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                 inputs_embeds=None, decoder_inputs_embeds=None, labels=None, output_attentions=False,
+                 output_hidden_states=False, deterministic=True) -> Seq2SeqOutput:
+        """transformers' forward: labels [batch, target] (-100 ignored) give `loss`; without
+        decoder inputs, the decoder reads the labels shifted right."""
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+        outputs = self.model(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, head_mask, decoder_head_mask,
+            cross_attn_head_mask, encoder_outputs, inputs_embeds, decoder_inputs_embeds, output_attentions,
+            output_hidden_states, deterministic,
+        )
+        logits = self.lm_logits(outputs.last_hidden_state)
+        loss = None if labels is None else losses.cross_entropy(logits, labels)
+        return outputs.replace(loss=loss, logits=logits, last_hidden_state=None)
+
+
+class BartClassificationHead(nn.Module):
+    """dropout -> dense -> tanh -> dropout -> out_proj, on the pooled hidden state."""
+
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        config = self.config
+        init = nn.initializers.normal(config.init_std)
+        self.dense = nn.Dense(config.d_model, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
+        self.out_proj = nn.Dense(config.num_labels, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+
+    def __call__(self, pooled: Array, deterministic: bool = True) -> Array:
+        """pooled [batch, d_model] -> logits [batch, num_labels]."""
+        hidden = self.dropout(pooled, deterministic=deterministic)
+        hidden = jnp.tanh(self.dense(hidden))
+        hidden = self.dropout(hidden, deterministic=deterministic)
+        return self.out_proj(hidden)
+
+
+class BartForSequenceClassification(nn.Module):
+    """Classifies from the decoder state at the last EOS of each row (transformers' pooling)."""
+
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.model = BartModel(self.config, self.dtype, self.param_dtype)
+        self.classification_head = BartClassificationHead(self.config, self.dtype, self.param_dtype)
+
+    def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                 decoder_inputs_embeds=None, labels=None, output_attentions=False, output_hidden_states=False,
+                 deterministic=True) -> Seq2SeqOutput:
+        """input_ids [batch, length] (needed for EOS pooling); labels [batch] ids, [batch] or
+        [batch, num_labels] floats, per `problem_type`. Returns logits [batch, num_labels]."""
+        outputs = self.model(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, head_mask, decoder_head_mask,
+            cross_attn_head_mask, encoder_outputs, None, decoder_inputs_embeds, output_attentions,
+            output_hidden_states, deterministic,
+        )
+        hidden_states = outputs.last_hidden_state
+        rows = jnp.arange(hidden_states.shape[0])
+        pooled = hidden_states[rows, last_eos_index(input_ids, self.config.eos_token_id)]
+        logits = self.classification_head(pooled, deterministic)
+        loss = None
+        if labels is not None:
+            problem_type = losses.classification_problem_type(self.config.problem_type, self.config.num_labels, labels)
+            loss = losses.sequence_classification_loss(logits, labels, problem_type)
+        return outputs.replace(loss=loss, logits=logits, last_hidden_state=None)
+
+
+class BartForQuestionAnswering(nn.Module):
+    """Span extraction: start/end logits over the decoder states."""
+
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.model = BartModel(self.config, self.dtype, self.param_dtype)
+        self.qa_outputs = nn.Dense(
+            2, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.normal(self.config.init_std)
+        )
+
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                 start_positions=None, end_positions=None, inputs_embeds=None, decoder_inputs_embeds=None,
+                 output_attentions=False, output_hidden_states=False, deterministic=True) -> Seq2SeqOutput:
+        """Returns start_logits, end_logits [batch, length]; with start/end_positions [batch], the loss."""
+        outputs = self.model(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, head_mask, decoder_head_mask,
+            cross_attn_head_mask, encoder_outputs, inputs_embeds, decoder_inputs_embeds, output_attentions,
+            output_hidden_states, deterministic,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = losses.span_loss(start_logits, end_logits, start_positions, end_positions)
+        return outputs.replace(loss=loss, start_logits=start_logits, end_logits=end_logits, last_hidden_state=None)
+
+
+class BartDecoderWrapper(nn.Module):
+    """Holds the decoder under `model/decoder`, the layout of transformers' BartForCausalLM."""
+
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.decoder = BartDecoder(self.config, None, self.dtype, self.param_dtype)
+
+    def __call__(self, *args, **kwargs) -> DecoderOutput:
+        return self.decoder(*args, **kwargs)
+
+
+class BartForCausalLM(nn.Module):
+    """The decoder alone with an LM head tied to its own token embedding."""
+
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        config = self.config
+        self.model = BartDecoderWrapper(config, self.dtype, self.param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.normal(config.init_std),
+            )
+
+    def __call__(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                 inputs_embeds=None, head_mask=None, cross_attn_head_mask=None, labels=None, cache=None,
+                 cache_index=None, output_attentions=False, output_hidden_states=False,
+                 deterministic=True) -> CausalLMOutput:
+        """input_ids [batch, length]; labels [batch, length] are NOT shifted (as transformers 5):
+        labels[:, i] is the target of logits[:, i]."""
+        outputs = self.model(
+            input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, inputs_embeds, head_mask,
+            cross_attn_head_mask, None, cache, cache_index, output_attentions, output_hidden_states, deterministic,
+        )
+        if self.config.tie_word_embeddings:
+            logits = self.model.decoder.embed_tokens.attend(outputs.last_hidden_state)
+        else:
+            logits = self.lm_head(outputs.last_hidden_state)
+        loss = None if labels is None else losses.cross_entropy(logits, labels)
+        return CausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions, cache=outputs.cache,
+        )
+
+
+HEADS = {
+    "BartModel": BartModel,
+    "BartForConditionalGeneration": BartForConditionalGeneration,
+    "BartForSequenceClassification": BartForSequenceClassification,
+    "BartForQuestionAnswering": BartForQuestionAnswering,
+    "BartForCausalLM": BartForCausalLM,
+}
+
+
+def head_class(name: str) -> type[nn.Module]:
+    """The module class for a transformers architecture name such as "BartForConditionalGeneration"."""
+    try:
+        return HEADS[name]
+    except KeyError:
+        raise ValueError(f"unknown BART head {name!r}; choose one of {sorted(HEADS)}") from None
