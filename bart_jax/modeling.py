@@ -61,6 +61,13 @@ def token_embedding_init(std: float, padding_idx: int):
     return init
 
 
+def token_embedding(config: BartConfig, dtype: Dtype, param_dtype: Dtype) -> nn.Embed:
+    return nn.Embed(
+        config.vocab_size, config.d_model, embedding_init=token_embedding_init(config.init_std, config.pad_token_id),
+        dtype=dtype, param_dtype=param_dtype,
+    )
+
+
 def _layerdrop(module: nn.Module, rate: float, deterministic: bool, skipped, computed):
     """LayerDrop (Fan et al., 2019): with probability `rate` keep the layer's input instead of its output.
 
@@ -78,12 +85,14 @@ def _head_mask_row(head_mask: Optional[Array], index: int) -> Optional[Array]:
 
 class BartEncoder(nn.Module):
     config: BartConfig
-    shared_embedding: nn.Embed  # the token embedding, owned by BartModel ("shared")
+    shared_embedding: Optional[nn.Embed] = None  # None: the encoder owns `embed_tokens` (untied embeddings)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         config = self.config
+        if self.shared_embedding is None:
+            self.embed_tokens = token_embedding(config, self.dtype, self.param_dtype)
         self.embed_positions = nn.Embed(
             config.max_position_embeddings + POSITION_OFFSET, config.d_model,
             embedding_init=nn.initializers.normal(config.init_std), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -91,6 +100,10 @@ class BartEncoder(nn.Module):
         self.layers = [BartEncoderLayer(config, self.dtype, self.param_dtype) for _ in range(config.encoder_layers)]
         self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype)
         self.embedding_dropout = nn.Dropout(config.dropout)
+
+    @property
+    def token_embedding(self) -> nn.Embed:
+        return self.embed_tokens if self.shared_embedding is None else self.shared_embedding
 
     def __call__(
         self,
@@ -107,7 +120,7 @@ class BartEncoder(nn.Module):
         config = self.config
         if inputs_embeds is None:
             embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-            inputs_embeds = self.shared_embedding(input_ids) * jnp.asarray(embed_scale, self.dtype)
+            inputs_embeds = self.token_embedding(input_ids) * jnp.asarray(embed_scale, self.dtype)
         length = inputs_embeds.shape[1]
         positions = self.embed_positions(jnp.arange(length) + POSITION_OFFSET)
         hidden_states = self.layernorm_embedding(inputs_embeds.astype(self.dtype) + positions[None])
@@ -139,10 +152,7 @@ class BartDecoder(nn.Module):
     def setup(self):
         config = self.config
         if self.shared_embedding is None:
-            self.embed_tokens = nn.Embed(
-                config.vocab_size, config.d_model, embedding_init=token_embedding_init(config.init_std, config.pad_token_id),
-                dtype=self.dtype, param_dtype=self.param_dtype,
-            )
+            self.embed_tokens = token_embedding(config, self.dtype, self.param_dtype)
         self.embed_positions = nn.Embed(
             config.max_position_embeddings + POSITION_OFFSET, config.d_model,
             embedding_init=nn.initializers.normal(config.init_std), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -247,16 +257,18 @@ class BartModel(nn.Module):
 
     def setup(self):
         config = self.config
-        self.shared = nn.Embed(
-            config.vocab_size, config.d_model, embedding_init=token_embedding_init(config.init_std, config.pad_token_id),
-            dtype=self.dtype, param_dtype=self.param_dtype,
-        )
-        self.encoder = BartEncoder(config, self.shared, self.dtype, self.param_dtype)
-        self.decoder = BartDecoder(config, self.shared, self.dtype, self.param_dtype)
+        self.shared = token_embedding(config, self.dtype, self.param_dtype)
+        # transformers 5 unties the encoder's and decoder's token embeddings from `shared` (and
+        # from each other) when tie_word_embeddings is False; `shared` is then unused by the forward pass.
+        tied = self.shared if config.tie_word_embeddings else None
+        self.encoder = BartEncoder(config, tied, self.dtype, self.param_dtype)
+        self.decoder = BartDecoder(config, tied, self.dtype, self.param_dtype)
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, head_mask=None,
                output_attentions=False, output_hidden_states=False, deterministic=True) -> EncoderOutput:
         """Runs the encoder alone; see `BartEncoder.__call__`."""
+        if self.is_initializing() and not self.config.tie_word_embeddings:
+            self.shared(jnp.zeros((1, 1), jnp.int32))  # create the unused `shared` table that checkpoints hold
         return self.encoder(input_ids, attention_mask, inputs_embeds, head_mask, output_attentions,
                             output_hidden_states, deterministic)
 
