@@ -1,0 +1,138 @@
+"""`load_pretrained`: a BART model from a Hugging Face directory, a converted bart_jax
+directory or a hub id, as one object holding config, module, params, generation options and
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bart_jax import checkpoint_files, conversion
+from bart_jax.config import BartConfig
+from bart_jax.generation.config import GenerationConfig
+from bart_jax.hub import resolve_model_directory
+from bart_jax.modeling import head_class
+from bart_jax.tokenizer import BartTokenizer
+from bart_jax.validation import check_inputs
+
+DEFAULT_HEAD = "BartForConditionalGeneration"
+# Keyword arguments of the heads that are Python flags, not arrays (static under jit).
+STATIC_ARGUMENTS = ("output_attentions", "output_hidden_states", "deterministic")
+
+
+@functools.partial(jax.jit, static_argnames=("module", "flags"))
+def _apply(module, params, arrays: dict[str, jax.Array], flags: tuple[tuple[str, bool], ...], rngs):
+    return module.apply({"params": params}, **arrays, **dict(flags), rngs=rngs)
+
+
+@dataclasses.dataclass
+class PretrainedBart:
+    """A loaded model: `module.apply({"params": params}, ...)` wrapped with input validation and jit."""
+
+    config: BartConfig
+    head: str
+    module: Any
+    params: Any
+    generation_config: Optional[GenerationConfig] = None
+    tokenizer: Optional[BartTokenizer] = None
+    source: Optional[str] = None
+
+    def __call__(self, dropout_rng: Optional[jax.Array] = None, **inputs):
+        """Runs the head with transformers' argument names (input_ids, attention_mask,
+        decoder_input_ids, labels, output_hidden_states, ...) and returns its output dataclass.
+
+        Inputs are validated first (ids in the vocabulary, lengths, mask shapes, EOS for
+        classification). Passing `dropout_rng` runs in training mode (dropout, layerdrop).
+        """
+        accepted = set(inspect.signature(type(self.module).__call__).parameters) - {"self"}
+        unknown = sorted(set(inputs) - accepted)
+        if unknown:
+            raise ValueError(f"{self.head} takes no argument(s) {unknown}; it accepts {sorted(accepted)}")
+        inputs = {name: value for name, value in inputs.items() if value is not None}
+        flags = {name: bool(inputs.pop(name)) for name in STATIC_ARGUMENTS if name in inputs}
+        flags.setdefault("deterministic", dropout_rng is None)
+        checked = check_inputs(self.config, self.head, inputs)
+        arrays = {name: jnp.asarray(value) for name, value in checked.items()}
+        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+        return _apply(self.module, self.params, arrays, tuple(sorted(flags.items())), rngs)
+
+    def generate(self, input_ids, attention_mask=None, prng_key=None, return_scores=False, **options):
+        """Generates with this model's generation options overridden by `options`; see
+        `bart_jax.generation.generate`. Returns ids [batch * num_return_sequences, length]."""
+        from bart_jax.generation.generate import generate
+
+        if self.head != DEFAULT_HEAD:
+            raise ValueError(f"generate needs a {DEFAULT_HEAD} model, this one is {self.head}")
+        input_ids = check_inputs(self.config, self.head, {"input_ids": input_ids})["input_ids"]
+        if attention_mask is not None:
+            attention_mask = check_inputs(
+                self.config, self.head, {"input_ids": input_ids, "attention_mask": attention_mask}
+            )["attention_mask"]
+        return generate(self.module, self.params, input_ids, attention_mask, self.generation_config,
+                        prng_key=prng_key, return_scores=return_scores, **options)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes a converted bart_jax directory (params, config, generation config, tokenizer)."""
+        params = jax.tree_util.tree_map(np.asarray, self.params)
+        checkpoint_files.save_converted(params, self.config, self.head, directory, copy_files_from=self.source)
+
+    def save_hf(self, directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
+        """Writes a Hugging Face directory that `transformers.<head>.from_pretrained` loads."""
+        params = jax.tree_util.tree_map(np.asarray, self.params)
+        checkpoint_files.save_hf_directory(params, self.config, self.head, directory, max_shard_size=max_shard_size,
+                                           copy_files_from=self.source)
+
+
+def _resolve_head(config: BartConfig, head: Optional[str]) -> str:
+    if head is not None:
+        conversion.check_head(head)
+        return head
+    return conversion.head_from_config(config) if config.architectures else DEFAULT_HEAD
+
+
+def load_pretrained(
+    path_or_hub_id: str | os.PathLike,
+    head: Optional[str] = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    *,
+    head_params: Any = None,
+    strict: bool = True,
+    revision: Optional[str] = None,
+) -> PretrainedBart:
+    """Loads BART from a Hugging Face directory, a converted bart_jax directory or a hub id.
+
+    head: a transformers class name ("BartForConditionalGeneration", ...); None takes the
+    checkpoint's `architectures` (conditional generation when it names none). dtype: the
+    computation dtype; param_dtype: the dtype the weights are kept in.
+    head_params: initial values for head weights the checkpoint lacks (e.g. a fresh
+    classification head on bart-large); without them such a load is an error, never a silent
+    random init. strict: tensors of the checkpoint that `head` does not use are an error.
+    """
+    directory = resolve_model_directory(path_or_hub_id, revision=revision)
+    if checkpoint_files.is_converted_directory(directory):
+        config, params, saved_head = checkpoint_files.load_converted(directory)
+        head = _resolve_head(config, head or saved_head)
+        if head != saved_head:
+            state = conversion.flax_to_hf(params, config, saved_head)
+            params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict)
+    else:
+        config = BartConfig.from_pretrained(directory)
+        head = _resolve_head(config, head)
+        state = checkpoint_files.load_hf_state_dict(directory)
+        params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict)
+    params = conversion.cast_params(params, param_dtype)
+    module = head_class(head)(config, dtype=dtype, param_dtype=param_dtype)
+    tokenizer = None
+    if any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.json", "vocab.json")):
+        tokenizer = BartTokenizer.from_pretrained(directory)
+    generation_config = GenerationConfig.from_pretrained(directory) if head == DEFAULT_HEAD else None
+    return PretrainedBart(config, head, module, params, generation_config, tokenizer, directory)
