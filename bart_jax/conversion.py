@@ -1,0 +1,434 @@
+"""Hugging Face BART state dicts <-> bart_jax parameter trees.
+
+The Flax tree mirrors transformers' module names, so the whole name map is a few rules:
+
+    Flax path                              Hugging Face key
+    ...layers_3/...                        ...layers.3....
+    <linear>/kernel        [in, out]       <linear>.weight        [out, in]  (transposed)
+    <layer norm>/scale     [d]             <layer norm>.weight    [d]
+    <embedding>/embedding  [rows, d]       <embedding>.weight     [rows, d]
+    .../bias                               ....bias
+    final_logits_bias      [1, vocab]      final_logits_bias
+
+Which paths exist, and their shapes, follow from the config alone (`expected_flax_shapes`),
+so converting never needs an initialised model.
+
+Tied word embeddings (`config.tie_word_embeddings`, the default): the Flax tree holds one
+table (`shared`, or `decoder/embed_tokens` for `BartForCausalLM`), and the Hugging Face keys
+that alias it (`encoder.embed_tokens.weight`, `decoder.embed_tokens.weight`, `lm_head.weight`)
+are accepted on input only if equal to it and never written, as transformers 5 does. Untied,
+transformers 5 keeps separate `shared`, `encoder.embed_tokens`, `decoder.embed_tokens` and
+`lm_head` tensors, and so does the Flax tree.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+from flax import traverse_util
+
+from bart_jax.config import BartConfig
+
+Params = dict[str, Any]
+
+HEADS = (
+    "BartModel",
+    "BartForConditionalGeneration",
+    "BartForSequenceClassification",
+    "BartForQuestionAnswering",
+    "BartForCausalLM",
+)
+
+# Flax leaf name -> (Hugging Face parameter name, stored transposed).
+LEAF_RULES = {
+    "kernel": ("weight", True),
+    "scale": ("weight", False),
+    "embedding": ("weight", False),
+    "bias": ("bias", False),
+}
+# Tensors with the same name in both formats.
+BUFFERS = ("final_logits_bias",)
+_FLAX_LAYER = re.compile(r"^layers_(\d+)$")
+
+# Parts that some heads have and others lack: a checkpoint tensor under one of them that the
+# target head lacks is reported as unused (e.g. lm_head when loading a classifier), whereas any
+# other leftover tensor means checkpoint and config disagree.
+HEAD_PARTS = ("lm_head", "final_logits_bias", "classification_head", "qa_outputs")
+BASE_PARTS = ("shared", "encoder", "decoder")
+# fairseq leftovers in old checkpoints; transformers ignores them too.
+IGNORED_KEY_SUFFIXES = ("encoder.version", "decoder.version")
+
+_MODEL_PREFIX = "model."
+_LISTED = 8  # keys named in an error message before "... and N more"
+
+
+class Conversion(NamedTuple):
+    """Result of `convert_hf_state_dict`."""
+
+    params: Params
+    # Checkpoint tensors of parts the target head lacks (checkpoint names), e.g. `final_logits_bias`
+    # when a BartForConditionalGeneration checkpoint feeds a BartForSequenceClassification.
+    unused_keys: tuple[str, ...]
+    # Flax paths ("a/b/c") of head weights taken from `head_params` because the checkpoint lacks them.
+    from_head_params: tuple[str, ...]
+
+
+# --- shapes -----------------------------------------------------------------------------
+def _linear(n_in: int, n_out: int) -> dict:
+    return {"kernel": (n_in, n_out), "bias": (n_out,)}
+
+
+def _layer_norm(d: int) -> dict:
+    return {"scale": (d,), "bias": (d,)}
+
+
+def _embedding(rows: int, d: int) -> dict:
+    return {"embedding": (rows, d)}
+
+
+def _attention(d: int) -> dict:
+    return {name: _linear(d, d) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+def _layer_shapes(d: int, ffn_dim: int, cross_attention: bool) -> dict:
+    layer = {
+        "self_attn": _attention(d),
+        "self_attn_layer_norm": _layer_norm(d),
+        "fc1": _linear(d, ffn_dim),
+        "fc2": _linear(ffn_dim, d),
+        "final_layer_norm": _layer_norm(d),
+    }
+    if cross_attention:
+        layer["encoder_attn"] = _attention(d)
+        layer["encoder_attn_layer_norm"] = _layer_norm(d)
+    return layer
+
+
+def _stack_shapes(config: BartConfig, side: str, own_token_embeddings: bool) -> dict:
+    num_layers, ffn_dim = (
+        (config.encoder_layers, config.encoder_ffn_dim)
+        if side == "encoder"
+        else (config.decoder_layers, config.decoder_ffn_dim)
+    )
+    d = config.d_model
+    # transformers offsets learned positions by 2 (a fairseq leftover), hence 2 extra rows.
+    stack = {
+        "embed_positions": _embedding(config.max_position_embeddings + 2, d),
+        "layernorm_embedding": _layer_norm(d),
+    }
+    if own_token_embeddings:
+        stack["embed_tokens"] = _embedding(config.vocab_size, d)
+    for i in range(num_layers):
+        stack[f"layers_{i}"] = _layer_shapes(d, ffn_dim, cross_attention=side == "decoder")
+    return stack
+
+
+def _base_model_shapes(config: BartConfig) -> dict:
+    untied = not config.tie_word_embeddings
+    return {
+        "shared": _embedding(config.vocab_size, config.d_model),
+        "encoder": _stack_shapes(config, "encoder", own_token_embeddings=untied),
+        "decoder": _stack_shapes(config, "decoder", own_token_embeddings=untied),
+    }
+
+
+def expected_flax_shapes(config: BartConfig, head: str) -> dict:
+    """The parameter tree of `head` for `config`, with shape tuples as leaves."""
+    check_head(head)
+    d, vocab = config.d_model, config.vocab_size
+    if head == "BartModel":
+        return _base_model_shapes(config)
+    if head == "BartForCausalLM":
+        # The decoder always has cross-attention weights: transformers creates them.
+        tree = {"model": {"decoder": _stack_shapes(config, "decoder", own_token_embeddings=True)}}
+    else:
+        tree = {"model": _base_model_shapes(config)}
+    if head == "BartForConditionalGeneration":
+        tree["final_logits_bias"] = (1, vocab)
+    if head in ("BartForConditionalGeneration", "BartForCausalLM") and not config.tie_word_embeddings:
+        tree["lm_head"] = {"kernel": (d, vocab)}
+    if head == "BartForSequenceClassification":
+        tree["classification_head"] = {"dense": _linear(d, d), "out_proj": _linear(d, config.num_labels)}
+    if head == "BartForQuestionAnswering":
+        tree["qa_outputs"] = _linear(d, 2)  # start and end logits, whatever config.num_labels says
+    return tree
+
+
+# --- names ------------------------------------------------------------------------------
+def hf_key(flax_path: tuple[str, ...]) -> str:
+    """The Hugging Face state-dict key of a Flax parameter path, e.g.
+    ("model", "encoder", "layers_0", "fc1", "kernel") -> "model.encoder.layers.0.fc1.weight"."""
+    *modules, leaf = flax_path
+    names = [_FLAX_LAYER.sub(r"layers.\1", module) for module in modules]
+    return ".".join(names + [leaf if leaf in BUFFERS else LEAF_RULES[leaf][0]])
+
+
+def _is_transposed(flax_path: tuple[str, ...]) -> bool:
+    return LEAF_RULES.get(flax_path[-1], ("", False))[1]
+
+
+def _hf_shape(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if _is_transposed(flax_path) else tuple(shape)
+
+
+def _tied_embedding_keys(config: BartConfig, head: str) -> tuple[str, tuple[str, ...]]:
+    """(key of the word-embedding table the target keeps, keys that alias it when tied),
+    in the `model.`-prefixed layout."""
+    if head == "BartForCausalLM":
+        if not config.tie_word_embeddings:
+            return "model.decoder.embed_tokens.weight", ()
+        # A tied seq2seq checkpoint's `shared` is its decoder's embedding table.
+        return "model.decoder.embed_tokens.weight", ("lm_head.weight", "model.shared.weight")
+    if not config.tie_word_embeddings:
+        return "model.shared.weight", ()
+    aliases = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+    if head == "BartForConditionalGeneration":
+        aliases += ("lm_head.weight",)
+    return "model.shared.weight", aliases
+
+
+def _listing(keys) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:_LISTED])
+    return shown + (f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
+
+
+# --- validation -------------------------------------------------------------------------
+def check_head(head: str) -> None:
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+
+
+def head_from_config(config: BartConfig) -> str:
+    """The head named by `config.architectures` (what transformers' `save_pretrained` records)."""
+    architectures = config.architectures
+    if not architectures:
+        raise ValueError(f"config.json names no architecture; choose a head: {', '.join(HEADS)}")
+    if architectures[0] not in HEADS:
+        raise ValueError(
+            f"config.json names architecture {architectures[0]!r}; choose a head: {', '.join(HEADS)}"
+        )
+    return architectures[0]
+
+
+def _check_config(config: BartConfig) -> None:
+    if not isinstance(config, BartConfig):
+        raise ValueError(f"expected a bart_jax BartConfig, got {type(config).__name__}")
+
+
+def check_params(params: Params, config: BartConfig, head: str) -> None:
+    """Raises ValueError naming every missing, extra or mis-shaped parameter of `params`."""
+    _check_config(config)
+    expected = traverse_util.flatten_dict(expected_flax_shapes(config, head), sep="/")
+    found = traverse_util.flatten_dict(params, sep="/")
+    problems = []
+    missing = [path for path in expected if path not in found]
+    extra = [path for path in found if path not in expected]
+    wrong = [
+        f"{path} (expected {expected[path]}, found {tuple(np.shape(value))})"
+        for path, value in found.items()
+        if path in expected and tuple(np.shape(value)) != expected[path]
+    ]
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    if extra:
+        problems.append(f"unexpected {_listing(extra)}")
+    if wrong:
+        problems.append(f"wrong shape {_listing(wrong)}")
+    if problems:
+        raise ValueError(f"parameters do not match {head} with this config: {'; '.join(problems)}")
+
+
+# --- Hugging Face -> Flax -----------------------------------------------------------------
+def _prefixed_names(state_dict: Mapping[str, Any]) -> dict[str, str]:
+    """Checkpoint keys in the `model.`-prefixed layout of the heads -> the original keys.
+
+    A bare `BartModel` checkpoint has no prefix (transformers adds it when loading one into a
+    head, and strips it the other way); version keys are dropped.
+    """
+    names = [key for key in state_dict if not key.endswith(IGNORED_KEY_SUFFIXES)]
+    bare = not any(key.startswith(_MODEL_PREFIX) for key in names)
+    return {(_MODEL_PREFIX + key if bare else key): key for key in names}
+
+
+def _flat_head_params(head_params: Params | None, expected: Mapping[tuple, tuple], head: str) -> dict:
+    flat = traverse_util.flatten_dict(dict(head_params or {}))
+    for path, value in flat.items():
+        name = "/".join(path)
+        if path[0] == "model" or path not in expected:
+            raise ValueError(f"head_params entry {name} is not a weight of the {head} head")
+        if tuple(np.shape(value)) != expected[path]:
+            raise ValueError(
+                f"head_params entry {name} has shape {tuple(np.shape(value))}, expected {expected[path]}"
+            )
+    return flat
+
+
+def _gather_word_embeddings(
+    checkpoint: dict[str, Any], original: Mapping[str, str], config: BartConfig, head: str
+) -> set[str]:
+    """Puts the word-embedding table under the key the target keeps, after checking that the
+    tied copies the checkpoint stores agree with it and that its rows match the vocabulary.
+    Returns the checkpoint keys consumed."""
+    embedding_key, aliases = _tied_embedding_keys(config, head)
+    present = [key for key in (embedding_key, *aliases) if key in checkpoint]
+    if not present:
+        return set()  # reported as missing later
+    table = np.asarray(checkpoint[present[0]])
+    for alias in present[1:]:
+        value = np.asarray(checkpoint[alias])
+        if value.shape != table.shape or not np.array_equal(value, table):
+            raise ValueError(
+                f"{original[alias]} should be a tied copy of {original[present[0]]} "
+                f"(tie_word_embeddings is true) but differs from it"
+            )
+    if table.ndim == 2 and table.shape[0] != config.vocab_size:
+        raise ValueError(
+            f"config.vocab_size is {config.vocab_size} but the checkpoint's word embeddings "
+            f"({original[present[0]]}) have {table.shape[0]} rows"
+        )
+    checkpoint[embedding_key] = table
+    return set(present)
+
+
+def _belongs_to_absent_part(key: str, prefixed_shapes: Mapping[str, Any]) -> bool:
+    """Whether `key` (prefixed layout) is under a head or base-model part the target lacks."""
+    top, _, rest = key.partition(".")
+    if top in HEAD_PARTS:
+        return top not in prefixed_shapes
+    part = rest.partition(".")[0]
+    return top == "model" and part in BASE_PARTS and part not in prefixed_shapes["model"]
+
+
+def convert_hf_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    config: BartConfig,
+    head: str,
+    *,
+    head_params: Params | None = None,
+) -> Conversion:
+    """Converts a Hugging Face BART state dict into the Flax parameter tree of `head`.
+
+    The checkpoint may be of another head: a `BartModel` or any seq2seq head checkpoint feeds
+    the base model of any seq2seq head. Weights of the target head that the checkpoint lacks
+    (e.g. `classification_head` when starting from bart-large) must come from `head_params`, a
+    tree of initial values with the target's top-level layout (e.g.
+    `{"classification_head": {...}}`); checkpoint values take precedence over it. A missing
+    `final_logits_bias` starts at zero, as in transformers.
+
+    Returns the params (numpy arrays, checkpoint dtypes, kernels [in, out]), the checkpoint
+    tensors the head does not use, and the paths filled from `head_params`. Raises ValueError
+    for missing, unexpected or mis-shaped tensors, a vocab-size mismatch, or a tied alias that
+    differs from the tensor it aliases.
+    """
+    _check_config(config)
+    check_head(head)
+    shapes = expected_flax_shapes(config, head)
+    # Work in the `model.`-prefixed layout throughout; BartModel's tree is the `model` subtree.
+    prefixed_shapes = {"model": shapes} if head == "BartModel" else shapes
+    expected = traverse_util.flatten_dict(prefixed_shapes)
+    fillers = _flat_head_params(head_params, expected, head)
+
+    original = _prefixed_names(state_dict)
+    checkpoint = {key: state_dict[name] for key, name in original.items()}
+    used = _gather_word_embeddings(checkpoint, original, config, head)
+    embedding_key, _ = _tied_embedding_keys(config, head)
+
+    flat, missing, missing_head, wrong_shape, filled = {}, [], [], [], []
+    for path, shape in expected.items():
+        key = hf_key(path)
+        if key in checkpoint:
+            used.add(key)
+            array = np.asarray(checkpoint[key])
+            if array.shape != _hf_shape(path, shape):
+                wrong_shape.append(
+                    f"{original.get(key, key)} (expected {_hf_shape(path, shape)}, found {array.shape})"
+                )
+            flat[path] = array.T if _is_transposed(path) else array
+        elif path in fillers:
+            flat[path] = fillers[path]
+            filled.append("/".join(path))
+        elif path == ("final_logits_bias",):
+            # Old checkpoints lack it; transformers starts it at zero too.
+            dtype = np.asarray(checkpoint[embedding_key]).dtype if embedding_key in checkpoint else np.float32
+            flat[path] = np.zeros(shape, dtype)
+        elif path[0] == "model":
+            missing.append(key[len(_MODEL_PREFIX):] if head == "BartModel" else key)
+        else:
+            missing_head.append(key)
+
+    unused, unexpected = [], []
+    for key in checkpoint.keys() - used:
+        (unused if _belongs_to_absent_part(key, prefixed_shapes) else unexpected).append(original[key])
+
+    problems = []
+    if missing:
+        untied_hint = "" if config.tie_word_embeddings else " (tie_word_embeddings is false, so each is its own tensor)"
+        problems.append(f"missing tensors {_listing(missing)}{untied_hint}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_listing(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shape {_listing(wrong_shape)}")
+    if problems:
+        raise ValueError(f"checkpoint does not match {head} with this config: {'; '.join(problems)}")
+    if missing_head:
+        raise ValueError(
+            f"the checkpoint has no weights for the {head} head ({_listing(missing_head)}); to start "
+            f"them from scratch, pass their initial values as head_params"
+        )
+    params = traverse_util.unflatten_dict(flat)
+    return Conversion(
+        params=params["model"] if head == "BartModel" else params,
+        unused_keys=tuple(sorted(unused)),
+        from_head_params=tuple(filled),
+    )
+
+
+def hf_to_flax(
+    state_dict: Mapping[str, np.ndarray],
+    config: BartConfig,
+    head: str,
+    *,
+    head_params: Params | None = None,
+    strict: bool = True,
+) -> Params:
+    """The Flax params of `head` from a Hugging Face state dict (see `convert_hf_state_dict`).
+
+    With `strict`, checkpoint tensors the head does not use (e.g. `lm_head.weight` when
+    loading a classifier) are an error; otherwise they are dropped (`convert_hf_state_dict`
+    lists them).
+    """
+    conversion = convert_hf_state_dict(state_dict, config, head, head_params=head_params)
+    if strict and conversion.unused_keys:
+        raise ValueError(
+            f"checkpoint tensors not used by {head}: {_listing(conversion.unused_keys)} "
+            f"(pass strict=False to drop them)"
+        )
+    return conversion.params
+
+
+# --- Flax -> Hugging Face -----------------------------------------------------------------
+def flax_to_hf(params: Params, config: BartConfig, head: str) -> dict[str, np.ndarray]:
+    """The state dict transformers 5 `save_pretrained` writes for `head`: no tied aliases,
+    weights [out, in], contiguous numpy arrays in the params' dtypes."""
+    check_params(params, config, head)
+    flat = traverse_util.flatten_dict(params)
+    return {
+        hf_key(path): np.ascontiguousarray(np.asarray(value).T if _is_transposed(path) else np.asarray(value))
+        for path, value in sorted(flat.items())
+    }
+
+
+def cast_params(params: Params, dtype) -> Params:
+    """`params` with every floating-point array cast to `dtype` (e.g. "bfloat16"); other arrays unchanged."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"cast_params needs a floating-point dtype, got {dtype}")
+    return jax.tree.map(
+        lambda array: array.astype(dtype) if jnp.issubdtype(array.dtype, jnp.floating) else array, params
+    )
