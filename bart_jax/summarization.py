@@ -83,7 +83,7 @@ def tokenize_documents(tokenizer, texts: Sequence[str], max_source_length: int) 
 
 
 def pad_batch(rows: Sequence[Sequence[int]], batch: int, length: int, pad_token_id: int, filler: Sequence[int]):
-    """Right-pads `rows` to [batch, length] ids and mask; missing rows are `filler` documents."""
+    """Right-pads `rows` to [batch, length] ids and mask; missing rows repeat `filler`."""
     input_ids = np.full((batch, length), pad_token_id, np.int32)
     attention_mask = np.zeros((batch, length), np.int32)
     for index in range(batch):
@@ -137,14 +137,14 @@ def iter_summaries(
     ids, truncated = tokenize_documents(tokenizer, [texts[i] for i in non_empty], limit)
     stats.truncated += sum(truncated)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    filler = [tokenizer.bos_token_id, tokenizer.eos_token_id]
     key = jax.random.PRNGKey(seed)
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
         rows = [ids[i] for i in chunk]
         batch = bucket_batch(len(rows), batch_size)
         length = bucket_length(max(len(r) for r in rows), limit)
-        input_ids, attention_mask = pad_batch(rows, batch, length, tokenizer.pad_token_id, filler)
+        # Filler rows copy a real document: a dummy row could decode longer than every real one.
+        input_ids, attention_mask = pad_batch(rows, batch, length, tokenizer.pad_token_id, rows[0])
         compiled_before = _compiled_count()
         began = time.perf_counter()
         output = generate_static(model.module, model.params, jnp.asarray(input_ids), jnp.asarray(attention_mask),

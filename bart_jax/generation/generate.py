@@ -1,0 +1,132 @@
+"""`generate` for BART: encode once, then decode token by token inside one jitted loop.
+
+The encoder output and the cross-attention keys/values are computed once per input row and
+shared by its beams (or samples); the decoder runs on a preallocated self-attention cache.
+
+`generate` is the user-facing call (transformers' `model.generate` layout: rows start with the
+decoder start token and are right-padded to the longest row). `generate_static` is the jitted
+core with static output shapes — [rows, max_length] plus per-row lengths — for callers that pad
+inputs to fixed buckets and trim the output themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bart_jax.cache import init_cache
+from bart_jax.generation.config import GenerationConfig
+from bart_jax.generation.search import SearchOutput, search
+
+# A BART decoder prompt is the decoder start token alone.
+DECODER_PROMPT_LENGTH = 1
+
+
+class GenerationOutput(NamedTuple):
+    """sequences: [batch * num_return_sequences, length] int32;
+    sequences_scores: [batch * num_return_sequences] float32 beam scores (None without beam search)."""
+
+    sequences: jax.Array
+    sequences_scores: Optional[jax.Array]
+
+
+def resolve_generation_config(module: Any, generation_config: Optional[GenerationConfig] = None,
+                              **overrides) -> GenerationConfig:
+    """The resolved options `generate` uses: `generation_config` (default: the model config's
+    generation options, as transformers) with `overrides`, lengths made absolute."""
+    if generation_config is None:
+        generation_config = GenerationConfig.from_model_config(module.config)
+    config = generation_config.replace(**overrides)
+    config = config.resolve(DECODER_PROMPT_LENGTH, module.config.max_position_embeddings)
+    if config.decoder_start_token_id is None:
+        raise ValueError("decoder_start_token_id (or bos_token_id) must be set to generate with BART")
+    # The decoder feeds positions 0 .. max_length - 2.
+    if config.max_length - 1 > module.config.max_position_embeddings:
+        raise ValueError(
+            f"max_length ({config.max_length}) exceeds what the model can decode: "
+            f"max_position_embeddings is {module.config.max_position_embeddings}"
+        )
+    vocab_size = module.config.vocab_size
+    used_ids = (config.eos_token_ids + config.forced_eos_token_ids
+                + tuple(i for i in (config.pad_token_id, config.forced_bos_token_id) if i is not None))
+    if any(i >= vocab_size for i in used_ids) or config.decoder_start_token_id >= vocab_size:
+        raise ValueError(f"special token ids {used_ids} must be smaller than vocab_size ({vocab_size})")
+    return config
+
+
+def generate(
+    module: Any,
+    params: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    generation_config: Optional[GenerationConfig] = None,
+    prng_key: Optional[jax.Array] = None,
+    return_scores: bool = False,
+    **overrides,
+):
+    """Generates token ids for `input_ids` with a `BartForConditionalGeneration` module.
+
+    input_ids, attention_mask: [batch, src_len] (the mask defaults to all ones, as transformers).
+    generation_config: options (default: those of `module.config`); `overrides` replace any of
+    them by name, e.g. `num_beams=4, max_new_tokens=50`. prng_key: needed when do_sample=True.
+    Returns sequences [batch * num_return_sequences, length] int32 — each row the decoder start
+    token, the generated tokens, then pad — or, with `return_scores=True`, a GenerationOutput
+    that also holds the beam search sequence scores (None for greedy search and sampling).
+    """
+    config = resolve_generation_config(module, generation_config, **overrides)
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be a [batch, src_len] integer array, got {input_ids.dtype} {input_ids.shape}")
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} differs from input_ids shape {input_ids.shape}")
+    if config.do_sample and prng_key is None:
+        raise ValueError("do_sample=True needs a prng_key (e.g. jax.random.PRNGKey(0))")
+    output = generate_static(module, params, input_ids.astype(jnp.int32), attention_mask.astype(jnp.int32),
+                             config, prng_key)
+    length = int(np.max(np.asarray(output.lengths)))
+    sequences = output.sequences[:, :length]
+    if return_scores:
+        return GenerationOutput(sequences, output.scores)
+    return sequences
+
+
+@functools.partial(jax.jit, static_argnames=("module", "config"))
+def generate_static(
+    module: Any,
+    params: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    config: GenerationConfig,
+    prng_key: Optional[jax.Array] = None,
+) -> SearchOutput:
+    """The jitted generation loop with static shapes.
+
+    input_ids, attention_mask: [batch, src_len] int32; config: resolved (`resolve_generation_config`).
+    Returns SearchOutput: sequences [batch * num_return_sequences, config.max_length] (pad after
+    each row's end), lengths [batch * num_return_sequences], scores (beam search only).
+    Compiles once per (module, input shapes, config).
+    """
+    variables = {"params": params}
+    batch = input_ids.shape[0]
+    encoded = module.apply(variables, input_ids, attention_mask, method="encode")
+    cross_key_values = module.apply(variables, encoded.last_hidden_state, method="project_cross_key_values")
+
+    def tokens_to_logits(token_ids, cache, step):
+        # token_ids [rows, 1] -> logits [rows, vocab]; rows group each input's beams/samples.
+        logits, cache = module.apply(variables, token_ids, cache, step, cross_key_values, attention_mask,
+                                     method="decode_step")
+        return logits[:, -1, :].astype(jnp.float32), cache
+
+    beam_search = config.num_beams > 1
+    rows = batch * (config.num_beams if beam_search else config.num_return_sequences)
+    cache = init_cache(module.config, rows, config.max_length, module.dtype)
+    prompt_rows = batch if beam_search else rows
+    prompt_ids = jnp.full((prompt_rows, DECODER_PROMPT_LENGTH), config.decoder_start_token_id, jnp.int32)
+    return search(tokens_to_logits, cache, prompt_ids, config, prng_key)
