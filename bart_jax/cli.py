@@ -1,5 +1,5 @@
 """The `bart-jax` command (also `python -m bart_jax`): summarize, warmup, fill-mask,
-zero-shot, qa and convert."""
+zero-shot, qa, bench and convert."""
 
 from __future__ import annotations
 
@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("question")
     qa.add_argument("context")
     _add_model_arguments(qa, default=None)
+
+    from bart_jax.benchmark import build_parser as build_bench_parser
+
+    build_bench_parser(commands.add_parser("bench", help="benchmark against transformers and CTranslate2"))
 
     convert = commands.add_parser("convert", help="convert checkpoints (same arguments as convert_weights.py)",
                                   add_help=False)
@@ -226,6 +230,17 @@ def run_pipeline(args) -> int:
     return 0
 
 
+def run_bench(args) -> int:
+    from bart_jax import benchmark
+
+    results = benchmark.run(args)
+    with open(args.output, "a", encoding="utf-8") as f:
+        for row in results:
+            f.write(json.dumps(row) + "\n")
+    print(benchmark.format_table(results))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
@@ -233,7 +248,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
-    runners = {"summarize": run_summarize, "warmup": run_warmup}
+    runners = {"summarize": run_summarize, "warmup": run_warmup, "bench": run_bench}
     try:
         return runners.get(args.command, run_pipeline)(args)
     except ValueError as error:

@@ -1,0 +1,414 @@
+"""Side-by-side benchmark: bart_jax against transformers (PyTorch eager and torch.compile) and
+CTranslate2 (fp32, int8), on the same random weights, in one run.
+
+Each system runs in its own worker process (so its peak memory is its own); the workloads are
+interleaved across systems, repeat by repeat. Workloads, on a batch of random source ids:
+
+    W1  beam search with bart-large-cnn's options, `target` tokens forced (min_length = max_length)
+    W2  greedy search, `greedy_target` tokens forced
+    W3  encoder forward (CTranslate2: encoder plus one greedy step, its smallest call)
+    W4  training step: forward + backward + AdamW, decoder length `train_target`
+
+Before timing, the generating systems' fp32 token ids are compared with transformers'.
+`bart-jax bench --help` lists the knobs; results go to a JSON lines file and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+SHAPES = {
+    "bart-base": "bart-base",
+    "bart-large-cnn": "bart-large-cnn",
+}
+TINY_SHAPE = dict(vocab_size=50265, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
+BEAM_OPTIONS = dict(num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True,
+                    forced_bos_token_id=0, forced_eos_token_id=2)
+SYSTEMS = ("bart_jax", "bart_jax_bf16", "transformers", "torch_compile", "ctranslate2", "ctranslate2_int8")
+WORKLOADS = ("W1", "W2", "W3", "W4")
+# Systems that can run each workload.
+SUPPORTS = {
+    "bart_jax": WORKLOADS, "bart_jax_bf16": ("W1", "W2", "W3", "W4"), "transformers": WORKLOADS,
+    "torch_compile": WORKLOADS, "ctranslate2": ("W1", "W2", "W3"), "ctranslate2_int8": ("W1", "W2", "W3"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    model_dir: str
+    batch: int
+    source_length: int
+    target: int
+    greedy_target: int
+    train_target: int
+    seed: int
+    threads: int
+
+
+# --- FLOP counts (multiply-adds x 2) ------------------------------------------------------
+def model_flops(config: dict, workload: str, setup: Setup) -> float:
+    """Matmul FLOPs of a workload from the config (attention scores included, softmax not)."""
+    d, vocab = config["d_model"], config["vocab_size"]
+    layer_enc = 4 * d * d + 2 * d * config["encoder_ffn_dim"]
+    layer_dec_self = 4 * d * d + 2 * d * config["decoder_ffn_dim"] + 2 * d * d  # + cross q/out projections
+    cross_kv = 2 * d * d
+    batch, source = setup.batch, setup.source_length
+    encoder = 2 * batch * source * (config["encoder_layers"] * layer_enc) + 2 * 2 * batch * source * source * d * \
+        config["encoder_layers"]
+    if workload == "W3":
+        return encoder
+    if workload == "W4":
+        target = setup.train_target
+        decoder = 2 * batch * target * config["decoder_layers"] * layer_dec_self
+        decoder += 2 * batch * source * config["decoder_layers"] * cross_kv
+        decoder += 2 * 2 * batch * target * (target + source) * d * config["decoder_layers"]
+        lm_head = 2 * batch * target * d * vocab
+        return 3 * (encoder + decoder + lm_head)  # backward ~ 2x forward
+    rows = batch * (BEAM_OPTIONS["num_beams"] if workload == "W1" else 1)
+    steps = setup.target if workload == "W1" else setup.greedy_target
+    per_step = 2 * rows * (config["decoder_layers"] * layer_dec_self + d * vocab)
+    attention = sum(2 * 2 * rows * (step + 1 + source) * d * config["decoder_layers"] for step in range(steps))
+    cross_projection = 2 * batch * source * config["decoder_layers"] * cross_kv
+    return encoder + cross_projection + steps * per_step + attention
+
+
+def matmul_peak_gflops(size: int = 1536, repeats: int = 5) -> float:
+    """This machine's fp32 matmul throughput (numpy/BLAS, all threads), GFLOP/s."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - began)
+    return 2 * size**3 / best / 1e9
+
+
+# --- the shared inputs --------------------------------------------------------------------
+def source_ids(setup: Setup, vocab_size: int) -> np.ndarray:
+    rng = np.random.default_rng(setup.seed)
+    ids = rng.integers(4, vocab_size, size=(setup.batch, setup.source_length))
+    ids[:, 0], ids[:, -1] = 0, 2
+    return ids.astype(np.int64)
+
+
+def target_ids(setup: Setup, vocab_size: int) -> np.ndarray:
+    rng = np.random.default_rng(setup.seed + 1)
+    return rng.integers(4, vocab_size, size=(setup.batch, setup.train_target)).astype(np.int64)
+
+
+def generation_options(workload: str, setup: Setup) -> dict:
+    if workload == "W1":
+        return dict(BEAM_OPTIONS, max_length=setup.target, min_length=setup.target)
+    return dict(num_beams=1, max_length=setup.greedy_target, min_length=setup.greedy_target)
+
+
+# --- systems ------------------------------------------------------------------------------
+class BartJaxSystem:
+    def __init__(self, setup: Setup, dtype: str):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        from bart_jax.generation.generate import generate_static, resolve_generation_config
+        from bart_jax.pretrained import load_pretrained
+
+        self.jax, self.jnp = jax, jnp
+        compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+        self.model = load_pretrained(setup.model_dir, dtype=compute)
+        self.setup = setup
+        self.input_ids = jnp.asarray(source_ids(setup, self.model.config.vocab_size), jnp.int32)
+        self.mask = jnp.ones_like(self.input_ids)
+        self.labels = jnp.asarray(target_ids(setup, self.model.config.vocab_size), jnp.int32)
+        self._generate_static, self._resolve = generate_static, resolve_generation_config
+        module = self.model.module
+        self._encode = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask, method="encode")
+                               .last_hidden_state)
+        optimizer = optax.adamw(1e-4)
+
+        def train_step(params, opt_state, ids, mask, labels):
+            def loss_fn(p):
+                return module.apply({"params": p}, ids, mask, labels=labels).loss
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self.train_params = jax.tree_util.tree_map(jnp.array, self.model.params)
+        self.opt_state = optimizer.init(self.train_params)
+
+    def run(self, workload: str):
+        jax = self.jax
+        if workload == "W3":
+            return jax.block_until_ready(self._encode(self.model.params, self.input_ids, self.mask)), None
+        if workload == "W4":
+            self.train_params, self.opt_state, loss = self._train_step(
+                self.train_params, self.opt_state, self.input_ids, self.mask, self.labels)
+            return jax.block_until_ready(loss), None
+        config = self._resolve(self.model.module, self.model.generation_config,
+                               **generation_options(workload, self.setup))
+        output = self._generate_static(self.model.module, self.model.params, self.input_ids, self.mask, config, None)
+        return None, np.asarray(output.sequences)
+
+
+class TorchSystem:
+    def __init__(self, setup: Setup, compiled: bool):
+        import torch
+        import transformers
+
+        torch.set_num_threads(setup.threads)
+        self.torch, self.setup = torch, setup
+        self.model = transformers.BartForConditionalGeneration.from_pretrained(setup.model_dir).eval()
+        vocab = self.model.config.vocab_size
+        self.input_ids = torch.as_tensor(source_ids(setup, vocab))
+        self.mask = torch.ones_like(self.input_ids)
+        self.labels = torch.as_tensor(target_ids(setup, vocab))
+        self.train_model = transformers.BartForConditionalGeneration.from_pretrained(setup.model_dir).train()
+        self.train_model.config.dropout = 0.0
+        self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=1e-4)
+        self.encoder = self.model.get_encoder()
+        self.compiled = compiled
+        if compiled:
+            self.encoder = torch.compile(self.encoder)
+            self.model.forward = torch.compile(self.model.forward, dynamic=True)
+            self.train_forward = torch.compile(self.train_model.forward)
+        else:
+            self.train_forward = self.train_model.forward
+
+    def run(self, workload: str):
+        torch = self.torch
+        if workload == "W3":
+            with torch.no_grad():
+                return self.encoder(input_ids=self.input_ids, attention_mask=self.mask).last_hidden_state, None
+        if workload == "W4":
+            self.optimizer.zero_grad()
+            loss = self.train_forward(input_ids=self.input_ids, attention_mask=self.mask, labels=self.labels).loss
+            loss.backward()
+            self.optimizer.step()
+            return loss, None
+        with torch.no_grad():
+            ids = self.model.generate(self.input_ids, attention_mask=self.mask,
+                                      **generation_options(workload, self.setup))
+        return None, ids.numpy()
+
+
+class CTranslate2System:
+    def __init__(self, setup: Setup, compute_type: str):
+        import ctranslate2
+
+        directory = os.path.join(setup.model_dir, "ctranslate2")
+        self.translator = ctranslate2.Translator(directory, device="cpu", compute_type=compute_type,
+                                                 intra_threads=setup.threads)
+        with open(os.path.join(directory, "shared_vocabulary.json"), encoding="utf-8") as f:
+            self.vocabulary = json.load(f)
+        self.setup = setup
+        ids = source_ids(setup, len(self.vocabulary))
+        self.tokens = [[self.vocabulary[i] for i in row] for row in ids]
+
+    def run(self, workload: str):
+        if workload == "W3":
+            # CTranslate2 exposes no encoder-only call for seq2seq models: encoder + one greedy step.
+            return self.translator.translate_batch(self.tokens, beam_size=1, max_decoding_length=1), None
+        options = generation_options(workload, self.setup)
+        results = self.translator.translate_batch(
+            self.tokens, beam_size=options["num_beams"], max_decoding_length=options["max_length"] - 1,
+            min_decoding_length=options["min_length"] - 1, length_penalty=options.get("length_penalty", 1.0),
+            no_repeat_ngram_size=options.get("no_repeat_ngram_size", 0), return_end_token=True,
+        )
+        index = {token: i for i, token in enumerate(self.vocabulary)}
+        rows = [[2] + [index[token] for token in result.hypotheses[0]] for result in results]
+        width = max(len(row) for row in rows)
+        return None, np.array([row + [1] * (width - len(row)) for row in rows])
+
+
+def make_system(name: str, setup: Setup):
+    if name == "bart_jax":
+        return BartJaxSystem(setup, "float32")
+    if name == "bart_jax_bf16":
+        return BartJaxSystem(setup, "bfloat16")
+    if name in ("transformers", "torch_compile"):
+        return TorchSystem(setup, compiled=name == "torch_compile")
+    return CTranslate2System(setup, "int8" if name == "ctranslate2_int8" else "float32")
+
+
+def worker(name: str, setup: Setup, connection) -> None:
+    """Runs one system: answers ("run", workload) with timing, tokens and peak memory."""
+    try:
+        began = time.perf_counter()
+        system = make_system(name, setup)
+        connection.send(("ready", time.perf_counter() - began))
+    except Exception as error:  # noqa: BLE001 - a missing optional system is reported, not fatal
+        connection.send(("unavailable", f"{type(error).__name__}: {error}"))
+        return
+    while True:
+        message = connection.recv()
+        if message is None:
+            return
+        _, workload = message
+        began = time.perf_counter()
+        _, tokens = system.run(workload)
+        elapsed = time.perf_counter() - began
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        connection.send((elapsed, None if tokens is None else tokens.tolist(), peak_mib))
+
+
+# --- preparing the weights ----------------------------------------------------------------
+def prepare_model(shape: str, directory: str, seed: int, configs_dir: str, tokenizer_dir: Optional[str]) -> dict:
+    """Writes a random-weight HF model (and its CTranslate2 conversion) to `directory`."""
+    import torch
+    import transformers
+
+    if shape == "tiny":
+        config = transformers.BartConfig(**TINY_SHAPE)
+    else:
+        config = transformers.BartConfig.from_pretrained(os.path.join(configs_dir, SHAPES[shape]))
+    config.dropout = 0.0
+    torch.manual_seed(seed)
+    model = transformers.BartForConditionalGeneration(config).eval()
+    model.save_pretrained(directory)
+    if tokenizer_dir:
+        for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(directory, name))
+        try:
+            _convert_ctranslate2(directory)
+        except Exception as error:  # noqa: BLE001 - CTranslate2 is optional
+            print(f"CTranslate2 conversion skipped: {type(error).__name__}: {error}", file=sys.stderr)
+    return config.to_dict()
+
+
+def _convert_ctranslate2(directory: str) -> None:
+    import ctranslate2.converters
+
+    # CTranslate2's BART loader reads two fairseq-era config fields that transformers 5 no longer writes.
+    source = os.path.join(directory, "ctranslate2-source")
+    shutil.copytree(directory, source, ignore=shutil.ignore_patterns("ctranslate2*"))
+    path = os.path.join(source, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(normalize_before=False, add_final_layer_norm=False)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    ctranslate2.converters.TransformersConverter(source).convert(os.path.join(directory, "ctranslate2"), force=True)
+    shutil.rmtree(source)
+
+
+# --- the run ------------------------------------------------------------------------------
+def run(args) -> list[dict]:
+    workdir = tempfile.mkdtemp(prefix="bart-jax-bench-")
+    setup = Setup(workdir, args.batch, args.source_length, args.target, args.greedy_target, args.train_target,
+                  args.seed, args.threads)
+    config = prepare_model(args.shape, workdir, args.seed, args.configs_dir, args.tokenizer_dir)
+    peak = matmul_peak_gflops()
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for name in args.systems:
+        parent, child = context.Pipe()
+        process = context.Process(target=worker, args=(name, setup, child), daemon=True)
+        process.start()
+        status, detail = parent.recv()
+        if status != "ready":
+            print(f"{name}: unavailable ({detail})", file=sys.stderr)
+            process.join()
+            continue
+        workers[name] = (process, parent)
+    results = []
+    for workload in args.workloads:
+        active = [name for name in workers if workload in SUPPORTS[name]]
+        first, times, tokens, memory = {}, {name: [] for name in active}, {}, {}
+        for name in active:  # first call: compilation / warm-up, timed separately
+            elapsed, tokens[name], memory[name] = _call(workers[name][1], workload)
+            first[name] = elapsed
+        for _ in range(args.repeats):
+            for name in active:
+                elapsed, _, memory[name] = _call(workers[name][1], workload)
+                times[name].append(elapsed)
+        reference = tokens.get("transformers")
+        flops = model_flops(config, workload, setup)
+        for name in active:
+            median = statistics.median(times[name])
+            same = None
+            if reference is not None and tokens.get(name) is not None:
+                same = tokens[name] == reference
+            generated = 0
+            if tokens.get(name) is not None:
+                generated = sum(sum(1 for t in row[1:] if t != 1) for row in tokens[name])
+            results.append({
+                "workload": workload, "system": name, "shape": args.shape, "batch": args.batch,
+                "source_length": args.source_length, "median_s": median, "min_s": min(times[name]),
+                "max_s": max(times[name]), "first_call_s": first[name], "tokens_per_s": generated / median,
+                "gflops": flops / median / 1e9, "peak_fraction": flops / median / 1e9 / peak,
+                "peak_memory_mib": memory[name], "same_tokens_as_transformers": same,
+                "machine_matmul_gflops": peak,
+            })
+        for row in results:
+            if row["workload"] == workload:
+                row["speedup"] = {other["system"]: other["median_s"] / row["median_s"] for other in results
+                                  if other["workload"] == workload}
+    for process, connection in workers.values():
+        connection.send(None)
+        process.join(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def _call(connection, workload: str):
+    connection.send(("run", workload))
+    return connection.recv()
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| workload | system | median s (min-max) | first call s | tokens/s | GFLOP/s | % peak | "
+             "peak MiB | vs transformers | same ids |", "|" + "---|" * 10]
+    for row in results:
+        ratio = row["speedup"].get("transformers")
+        lines.append(
+            f"| {row['workload']} | {row['system']} | {row['median_s']:.2f} ({row['min_s']:.2f}-{row['max_s']:.2f}) "
+            f"| {row['first_call_s']:.2f} | {row['tokens_per_s']:.1f} | {row['gflops']:.1f} "
+            f"| {100 * row['peak_fraction']:.0f}% | {row['peak_memory_mib']:.0f} "
+            f"| {'' if ratio is None else f'{ratio:.2f}x'} | {'' if row['same_tokens_as_transformers'] is None else row['same_tokens_as_transformers']} |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="bart-jax bench", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--shape", choices=("tiny", *SHAPES), default="bart-base")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--source-length", type=int, default=512)
+    parser.add_argument("--target", type=int, default=142, help="W1 forced length")
+    parser.add_argument("--greedy-target", type=int, default=128, help="W2 forced length")
+    parser.add_argument("--train-target", type=int, default=128, help="W4 decoder length")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs-dir", default=os.path.join(here, "configs"))
+    parser.add_argument("--tokenizer-dir", help="BART tokenizer files (needed for CTranslate2's vocabulary)")
+    parser.add_argument("--output", default="benchmark.jsonl")
+    return parser
+
+
+if __name__ == "__main__":
+    from bart_jax.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

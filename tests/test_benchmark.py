@@ -1,0 +1,34 @@
+"""The benchmark runs end to end on a tiny shape (a smoke test: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from bart_jax.benchmark import model_flops, Setup
+from bart_jax.cli import main
+from hf_reference import TOKENIZER_DIR
+
+
+def test_benchmark_runs_and_systems_agree(tmp_path, capsys):
+    output = tmp_path / "bench.jsonl"
+    code = main(["bench", "--shape", "tiny", "--batch", "2", "--source-length", "16", "--target", "8",
+                 "--greedy-target", "6", "--train-target", "4", "--repeats", "1", "--systems", "bart_jax",
+                 "transformers", "--tokenizer-dir", str(TOKENIZER_DIR), "--output", str(output)])
+    assert code == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert {(r["workload"], r["system"]) for r in rows} == {
+        (w, s) for w in ("W1", "W2", "W3", "W4") for s in ("bart_jax", "transformers")}
+    for row in rows:
+        assert row["median_s"] > 0 and row["first_call_s"] > 0
+        if row["workload"] in ("W1", "W2"):
+            assert row["same_tokens_as_transformers"] is True, f"{row['system']} {row['workload']} ids differ"
+    assert "| W1 | bart_jax |" in capsys.readouterr().out
+
+
+def test_flop_count_of_the_encoder():
+    config = dict(d_model=8, vocab_size=10, encoder_ffn_dim=16, decoder_ffn_dim=16, encoder_layers=1,
+                  decoder_layers=1)
+    setup = Setup("", batch=1, source_length=2, target=2, greedy_target=2, train_target=2, seed=0, threads=1)
+    # One layer: q,k,v,out (4 d^2) and fc1, fc2 (2 d ffn) per token, two tokens; scores and
+    # weighted values (2 s^2 d); two FLOPs per multiply-add.
+    assert model_flops(config, "W3", setup) == 2 * 2 * (4 * 64 + 2 * 8 * 16) + 2 * 2 * 4 * 8
