@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bart_jax.sharding import CACHE, PER_HEAD, constrain
+
 Array = jax.Array
 Dtype = Any
 
@@ -89,7 +91,7 @@ class BartAttention(nn.Module):
         self.attention_dropout = nn.Dropout(self.dropout)
 
     def _split_heads(self, x: Array) -> Array:
-        return x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+        return constrain(x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim)), PER_HEAD)
 
     def project_key_value(self, states: Array) -> dict[str, Array]:
         """states [batch, key_length, d_model] -> {"key", "value"}: [batch, key_length, heads, head_dim]."""
@@ -126,8 +128,8 @@ class BartAttention(nn.Module):
         if cache is not None:
             start = (0, cache_index, 0, 0)
             new_cache = {
-                "key": lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start),
-                "value": lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start),
+                name: constrain(lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start), CACHE)
+                for name, new in (("key", key), ("value", value))
             }
             key, value = new_cache["key"].astype(self.dtype), new_cache["value"].astype(self.dtype)
 

@@ -13,6 +13,11 @@ The Flax tree mirrors transformers' module names, so the whole name map is a few
 Which paths exist, and their shapes, follow from the config alone (`expected_flax_shapes`),
 so converting never needs an initialised model.
 
+Modules built with `scan_layers=True` keep each layer stack as one `layers` subtree whose
+arrays have a leading layer axis; `stack_layers` / `unstack_layers` switch between the two
+layouts, `hf_to_flax(..., scan_layers=True)` produces the stacked one and `flax_to_hf`
+accepts either.
+
 Tied word embeddings (`config.tie_word_embeddings`, the default): the Flax tree holds one
 table (`shared`, or `decoder/embed_tokens` for `BartForCausalLM`), and the Hugging Face keys
 that alias it (`encoder.embed_tokens.weight`, `decoder.embed_tokens.weight`, `lm_head.weight`)
@@ -393,12 +398,13 @@ def hf_to_flax(
     *,
     head_params: Params | None = None,
     strict: bool = True,
+    scan_layers: bool = False,
 ) -> Params:
     """The Flax params of `head` from a Hugging Face state dict (see `convert_hf_state_dict`).
 
     With `strict`, checkpoint tensors the head does not use (e.g. `lm_head.weight` when
     loading a classifier) are an error; otherwise they are dropped (`convert_hf_state_dict`
-    lists them).
+    lists them). With `scan_layers`, layers come stacked (`stack_layers`).
     """
     conversion = convert_hf_state_dict(state_dict, config, head, head_params=head_params)
     if strict and conversion.unused_keys:
@@ -406,19 +412,62 @@ def hf_to_flax(
             f"checkpoint tensors not used by {head}: {_listing(conversion.unused_keys)} "
             f"(pass strict=False to drop them)"
         )
-    return conversion.params
+    return stack_layers(conversion.params) if scan_layers else conversion.params
 
 
 # --- Flax -> Hugging Face -----------------------------------------------------------------
 def flax_to_hf(params: Params, config: BartConfig, head: str) -> dict[str, np.ndarray]:
     """The state dict transformers 5 `save_pretrained` writes for `head`: no tied aliases,
-    weights [out, in], contiguous numpy arrays in the params' dtypes."""
+    weights [out, in], contiguous numpy arrays in the params' dtypes. Stacked layers are accepted."""
+    params = unstack_layers(params)
     check_params(params, config, head)
     flat = traverse_util.flatten_dict(params)
     return {
         hf_key(path): np.ascontiguousarray(np.asarray(value).T if _is_transposed(path) else np.asarray(value))
         for path, value in sorted(flat.items())
     }
+
+
+# --- stacked layers (scan_layers) ------------------------------------------------------------------
+def stack_layers(params: Params) -> Params:
+    """The layout of `scan_layers=True` modules: each group `layers_0 ... layers_{n-1}` becomes
+    one `layers` subtree whose arrays are stacked along a new leading axis [n, ...]. Already
+    stacked params pass through unchanged; numpy stays numpy, device arrays stay on device."""
+    import jax
+    import jax.numpy as jnp
+
+    if not isinstance(params, Mapping):
+        return params
+    numbered = sorted((int(match.group(1)), key) for key in params if (match := _FLAX_LAYER.match(key)))
+    stacked = {key: stack_layers(value) for key, value in params.items() if not _FLAX_LAYER.match(key)}
+    if numbered:
+        indices = [index for index, _ in numbered]
+        if "layers" in params:
+            raise ValueError(f"params hold both stacked `layers` and numbered layers {indices}")
+        if indices != list(range(len(indices))):
+            raise ValueError(f"layers are numbered {indices}; stacking needs 0 .. {len(indices) - 1}")
+
+        def stack(*values):
+            on_device = any(isinstance(value, jax.Array) for value in values)
+            return jnp.stack(values) if on_device else np.stack([np.asarray(value) for value in values])
+
+        stacked["layers"] = jax.tree_util.tree_map(stack, *(params[key] for _, key in numbered))
+    return stacked
+
+
+def unstack_layers(params: Params) -> Params:
+    """The inverse of `stack_layers`: each stacked `layers` subtree [n, ...] becomes `layers_0 ...
+    layers_{n-1}`. Unstacked params pass through unchanged."""
+    import jax
+
+    if not isinstance(params, Mapping):
+        return params
+    unstacked = {key: unstack_layers(value) for key, value in params.items() if key != "layers"}
+    if "layers" in params:
+        num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+        for index in range(num_layers):
+            unstacked[f"layers_{index}"] = jax.tree_util.tree_map(lambda value: value[index], params["layers"])
+    return unstacked
 
 
 def cast_params(params: Params, dtype) -> Params:

@@ -1,9 +1,12 @@
 """BART's post-LayerNorm encoder and decoder layers (transformers' `BartEncoderLayer`,
-`BartDecoderLayer`), parameter names as in transformers."""
+`BartDecoderLayer`), parameter names as in transformers, and how a stack of them runs:
+unrolled (`layers_0`, `layers_1`, ...) or as one `nn.scan` over stacked parameters (`layers`,
+leading layer axis), optionally rematerialised in the backward pass."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import inspect
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -12,10 +15,20 @@ import jax.numpy as jnp
 from bart_jax.activations import get_activation
 from bart_jax.attention import BartAttention
 from bart_jax.config import BartConfig
+from bart_jax.sharding import HIDDEN, MLP_HIDDEN, constrain
 
 Array = jax.Array
 Dtype = Any
 LAYER_NORM_EPSILON = 1e-5
+
+# Rematerialisation: what the backward pass may keep from each layer's forward pass (the rest
+# is recomputed). "none" keeps everything (no remat); "full" keeps only the layer's inputs.
+REMAT_SAVEABLE = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # matmul outputs
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_POLICIES = ("none",) + tuple(REMAT_SAVEABLE)
 
 
 def layer_norm(dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
@@ -34,6 +47,7 @@ class FeedForwardMixin:
 
     def feed_forward(self, hidden_states: Array, deterministic: bool) -> Array:
         hidden_states = get_activation(self.config.activation_function)(self.fc1(hidden_states))
+        hidden_states = constrain(hidden_states, MLP_HIDDEN)
         hidden_states = self.activation_dropout(hidden_states, deterministic=deterministic)
         return self.fc2(hidden_states)
 
@@ -72,7 +86,7 @@ class BartEncoderLayer(FeedForwardMixin, nn.Module):
         residual = hidden_states
         hidden_states = self.feed_forward(hidden_states, deterministic)
         hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
-        hidden_states = self.final_layer_norm(residual + hidden_states)
+        hidden_states = constrain(self.final_layer_norm(residual + hidden_states), HIDDEN)
         return hidden_states, weights
 
 
@@ -143,5 +157,49 @@ class BartDecoderLayer(FeedForwardMixin, nn.Module):
         residual = hidden_states
         hidden_states = self.feed_forward(hidden_states, deterministic)
         hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
-        hidden_states = self.final_layer_norm(residual + hidden_states)
+        hidden_states = constrain(self.final_layer_norm(residual + hidden_states), HIDDEN)
         return hidden_states, self_weights, cross_weights, new_cache
+
+
+def remat_layer(layer_class: type[nn.Module], policy: str, scanned: bool):
+    """`layer_class` whose `__call__` is rematerialised by `policy` (one of `REMAT_POLICIES`).
+
+    Its `deterministic` flag stays a Python bool (a static argument), so callers must pass it
+    positionally. Inside a scan the recomputation cannot be merged away, so common
+    subexpression elimination may stay on there.
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {policy!r}; choose one of {REMAT_POLICIES}")
+    if policy == "none":
+        return layer_class
+    deterministic = list(inspect.signature(layer_class.__call__).parameters).index("deterministic")  # self is 0
+    return nn.remat(layer_class, policy=REMAT_SAVEABLE[policy], static_argnums=(deterministic,),
+                    prevent_cse=not scanned)
+
+
+def run_layer_stack(
+    step: Callable[[nn.Module, Any, Any], tuple[Any, Any]],
+    layers: nn.Module | Sequence[nn.Module],
+    carry: Any,
+    layer_inputs: Sequence[Any],
+    scanned: bool,
+) -> tuple[Any, list[Any]]:
+    """Threads `carry` through the layers: `carry, output = step(layer, carry, layer_inputs[i])`.
+
+    Unrolled, `layers` is a list of modules. Scanned, it is one module whose parameters carry a
+    leading layer axis; the per-layer inputs are stacked for `nn.scan` and its stacked outputs
+    split again, so both forms take and return the same per-layer lists.
+    Returns (final carry, [output of each layer]).
+    """
+    if not scanned:
+        outputs = []
+        for layer, inputs in zip(layers, layer_inputs):
+            carry, output = step(layer, carry, inputs)
+            outputs.append(output)
+        return carry, outputs
+    num_layers = len(layer_inputs)
+    stacked_inputs = jax.tree_util.tree_map(lambda *values: jnp.stack(values), *layer_inputs)
+    scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   length=num_layers)
+    carry, stacked_outputs = scan(layers, carry, stacked_inputs)
+    return carry, [jax.tree_util.tree_map(lambda value: value[i], stacked_outputs) for i in range(num_layers)]

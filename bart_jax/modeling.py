@@ -7,6 +7,12 @@ fixed table (bart_jax/conversion.py). Every module takes `dtype` (computation) a
 
 Input ids are right-padded; positions are `past_length + arange(length)` (offset by 2 in the
 position table, as in fairseq/transformers), never derived from the padding mask.
+
+Two attributes of every module trade compile time and memory, not results:
+`scan_layers=True` runs each layer stack as one `nn.scan` over parameters stacked under
+`layers` (leading layer axis; `conversion.stack_layers` / `unstack_layers` switch layouts),
+and `remat_policy` ("none", "full", "dots_saveable", ...) recomputes layer activations in the
+backward pass instead of keeping them (see `layers.REMAT_POLICIES`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import jax.numpy as jnp
 from bart_jax import losses
 from bart_jax.attention import combine_masks, make_causal_mask, padding_mask
 from bart_jax.config import BartConfig
-from bart_jax.layers import BartDecoderLayer, BartEncoderLayer, layer_norm
+from bart_jax.layers import BartDecoderLayer, BartEncoderLayer, layer_norm, remat_layer, run_layer_stack
 from bart_jax.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqOutput
+from bart_jax.sharding import HIDDEN, LOGITS, constrain
 
 Array = jax.Array
 Dtype = Any
@@ -88,6 +95,8 @@ class BartEncoder(nn.Module):
     shared_embedding: Optional[nn.Embed] = None  # None: the encoder owns `embed_tokens` (untied embeddings)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
         config = self.config
@@ -97,7 +106,11 @@ class BartEncoder(nn.Module):
             config.max_position_embeddings + POSITION_OFFSET, config.d_model,
             embedding_init=nn.initializers.normal(config.init_std), dtype=self.dtype, param_dtype=self.param_dtype,
         )
-        self.layers = [BartEncoderLayer(config, self.dtype, self.param_dtype) for _ in range(config.encoder_layers)]
+        layer = remat_layer(BartEncoderLayer, self.remat_policy, self.scan_layers)
+        if self.scan_layers:
+            self.layers = layer(config, self.dtype, self.param_dtype)
+        else:
+            self.layers = [layer(config, self.dtype, self.param_dtype) for _ in range(config.encoder_layers)]
         self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype)
         self.embedding_dropout = nn.Dropout(config.dropout)
 
@@ -124,18 +137,23 @@ class BartEncoder(nn.Module):
         length = inputs_embeds.shape[1]
         positions = self.embed_positions(jnp.arange(length) + POSITION_OFFSET)
         hidden_states = self.layernorm_embedding(inputs_embeds.astype(self.dtype) + positions[None])
-        hidden_states = self.embedding_dropout(hidden_states, deterministic=deterministic)
+        hidden_states = constrain(self.embedding_dropout(hidden_states, deterministic=deterministic), HIDDEN)
         mask = padding_mask(attention_mask)
 
-        all_hidden_states = (hidden_states,)
-        all_attentions = ()
-        for index, layer in enumerate(self.layers):
-            computed = layer(hidden_states, mask, _head_mask_row(head_mask, index), deterministic)
+        def step(layer, hidden_states, layer_head_mask):
+            computed = layer(hidden_states, mask, layer_head_mask, deterministic)
             hidden_states, weights = _layerdrop(
-                self, config.encoder_layerdrop, deterministic, (hidden_states, jnp.zeros_like(computed[1])), computed
+                layer if self.scan_layers else self, config.encoder_layerdrop, deterministic,
+                (hidden_states, jnp.zeros_like(computed[1])), computed,
             )
-            all_hidden_states += (hidden_states,)
-            all_attentions += (weights,)
+            return hidden_states, (hidden_states if output_hidden_states else None,
+                                   weights if output_attentions else None)
+
+        all_hidden_states = (hidden_states,)
+        head_masks = [_head_mask_row(head_mask, index) for index in range(config.encoder_layers)]
+        hidden_states, outputs = run_layer_stack(step, self.layers, hidden_states, head_masks, self.scan_layers)
+        all_hidden_states += tuple(output[0] for output in outputs)
+        all_attentions = tuple(output[1] for output in outputs)
         return EncoderOutput(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states if output_hidden_states else None,
@@ -148,6 +166,8 @@ class BartDecoder(nn.Module):
     shared_embedding: Optional[nn.Embed] = None  # None: the decoder owns `embed_tokens` (BartForCausalLM)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
         config = self.config
@@ -157,7 +177,11 @@ class BartDecoder(nn.Module):
             config.max_position_embeddings + POSITION_OFFSET, config.d_model,
             embedding_init=nn.initializers.normal(config.init_std), dtype=self.dtype, param_dtype=self.param_dtype,
         )
-        self.layers = [BartDecoderLayer(config, self.dtype, self.param_dtype) for _ in range(config.decoder_layers)]
+        layer = remat_layer(BartDecoderLayer, self.remat_policy, self.scan_layers)
+        if self.scan_layers:
+            self.layers = layer(config, self.dtype, self.param_dtype)
+        else:
+            self.layers = [layer(config, self.dtype, self.param_dtype) for _ in range(config.decoder_layers)]
         self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype)
         self.embedding_dropout = nn.Dropout(config.dropout)
 
@@ -171,7 +195,11 @@ class BartDecoder(nn.Module):
         encoder_hidden_states [batch, source, d_model] -> tuple over layers of
         {"key", "value"}: [batch, source, heads, head_dim].
         """
-        return tuple(layer.project_cross_key_value(encoder_hidden_states) for layer in self.layers)
+        def step(layer, carry, _):
+            return carry, layer.project_cross_key_value(encoder_hidden_states)
+
+        no_inputs = [None] * self.config.decoder_layers
+        return tuple(run_layer_stack(step, self.layers, None, no_inputs, self.scan_layers)[1])
 
     def __call__(
         self,
@@ -207,37 +235,38 @@ class BartDecoder(nn.Module):
         query_positions = past_length + jnp.arange(length)
         hidden_states = inputs_embeds.astype(self.dtype) + self.embed_positions(query_positions + POSITION_OFFSET)[None]
         hidden_states = self.layernorm_embedding(hidden_states)
-        hidden_states = self.embedding_dropout(hidden_states, deterministic=deterministic)
+        hidden_states = constrain(self.embedding_dropout(hidden_states, deterministic=deterministic), HIDDEN)
 
         key_length = length if cache is None else cache[0]["key"].shape[1]
         self_mask = combine_masks(make_causal_mask(query_positions, key_length), padding_mask(attention_mask))
         cross_mask = padding_mask(encoder_attention_mask)
 
-        all_hidden_states = (hidden_states,)
-        all_self_attentions, all_cross_attentions, new_cache = (), (), ()
-        for index, layer in enumerate(self.layers):
-            computed = layer(
-                hidden_states,
-                self_mask,
-                encoder_hidden_states=encoder_hidden_states,
-                cross_attention_mask=cross_mask,
-                cross_key_value=None if cross_key_values is None else cross_key_values[index],
-                cache=None if cache is None else cache[index],
-                cache_index=past_length,
-                layer_head_mask=_head_mask_row(head_mask, index),
-                cross_attn_layer_head_mask=_head_mask_row(cross_attn_head_mask, index),
-                deterministic=deterministic,
-            )
+        def step(layer, hidden_states, layer_inputs):
+            cross_key_value, layer_cache, layer_head_mask, cross_layer_head_mask = layer_inputs
+            # Positional arguments: a rematerialised layer keeps only positional ones static.
+            computed = layer(hidden_states, self_mask, encoder_hidden_states, cross_mask, cross_key_value, layer_cache,
+                             past_length, layer_head_mask, cross_layer_head_mask, deterministic)
             skipped = (hidden_states,) + tuple(
                 None if value is None else jnp.zeros_like(value) for value in computed[1:3]
-            ) + (None if cache is None else cache[index],)
+            ) + (layer_cache,)
             hidden_states, self_weights, cross_weights, layer_cache = _layerdrop(
-                self, config.decoder_layerdrop, deterministic, skipped, computed
+                layer if self.scan_layers else self, config.decoder_layerdrop, deterministic, skipped, computed
             )
-            all_hidden_states += (hidden_states,)
-            all_self_attentions += (self_weights,)
-            all_cross_attentions += (cross_weights,)
-            new_cache += (layer_cache,)
+            return hidden_states, (hidden_states if output_hidden_states else None,
+                                   self_weights if output_attentions else None,
+                                   cross_weights if output_attentions else None, layer_cache)
+
+        layer_inputs = [
+            (None if cross_key_values is None else cross_key_values[index], None if cache is None else cache[index],
+             _head_mask_row(head_mask, index), _head_mask_row(cross_attn_head_mask, index))
+            for index in range(config.decoder_layers)
+        ]
+        all_hidden_states = (hidden_states,)
+        hidden_states, outputs = run_layer_stack(step, self.layers, hidden_states, layer_inputs, self.scan_layers)
+        all_hidden_states += tuple(output[0] for output in outputs)
+        all_self_attentions = tuple(output[1] for output in outputs)
+        all_cross_attentions = tuple(output[2] for output in outputs)
+        new_cache = tuple(output[3] for output in outputs)
         has_cross = encoder_hidden_states is not None or cross_key_values is not None
         return DecoderOutput(
             last_hidden_state=hidden_states,
@@ -254,6 +283,8 @@ class BartModel(nn.Module):
     config: BartConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
         config = self.config
@@ -261,8 +292,9 @@ class BartModel(nn.Module):
         # transformers 5 unties the encoder's and decoder's token embeddings from `shared` (and
         # from each other) when tie_word_embeddings is False; `shared` is then unused by the forward pass.
         tied = self.shared if config.tie_word_embeddings else None
-        self.encoder = BartEncoder(config, tied, self.dtype, self.param_dtype)
-        self.decoder = BartDecoder(config, tied, self.dtype, self.param_dtype)
+        stack = dict(scan_layers=self.scan_layers, remat_policy=self.remat_policy)
+        self.encoder = BartEncoder(config, tied, self.dtype, self.param_dtype, **stack)
+        self.decoder = BartDecoder(config, tied, self.dtype, self.param_dtype, **stack)
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, head_mask=None,
                output_attentions=False, output_hidden_states=False, deterministic=True) -> EncoderOutput:
@@ -335,10 +367,12 @@ class BartForConditionalGeneration(nn.Module):
     config: BartConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
         config = self.config
-        self.model = BartModel(config, self.dtype, self.param_dtype)
+        self.model = BartModel(config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
         self.final_logits_bias = self.param(
             "final_logits_bias", nn.initializers.zeros, (1, config.vocab_size), self.param_dtype
         )
@@ -354,7 +388,7 @@ class BartForConditionalGeneration(nn.Module):
             logits = self.model.shared.attend(hidden_states)
         else:
             logits = self.lm_head(hidden_states)
-        return logits + self.final_logits_bias[0].astype(logits.dtype)
+        return constrain(logits + self.final_logits_bias[0].astype(logits.dtype), LOGITS)
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, head_mask=None,
                output_attentions=False, output_hidden_states=False, deterministic=True) -> EncoderOutput:
@@ -442,9 +476,11 @@ class BartForSequenceClassification(nn.Module):
     config: BartConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
-        self.model = BartModel(self.config, self.dtype, self.param_dtype)
+        self.model = BartModel(self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
         self.classification_head = BartClassificationHead(self.config, self.dtype, self.param_dtype)
 
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
@@ -475,9 +511,11 @@ class BartForQuestionAnswering(nn.Module):
     config: BartConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
-        self.model = BartModel(self.config, self.dtype, self.param_dtype)
+        self.model = BartModel(self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
         self.qa_outputs = nn.Dense(
             2, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.normal(self.config.init_std)
         )
@@ -506,9 +544,12 @@ class BartDecoderWrapper(nn.Module):
     config: BartConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
-        self.decoder = BartDecoder(self.config, None, self.dtype, self.param_dtype)
+        self.decoder = BartDecoder(self.config, None, self.dtype, self.param_dtype, self.scan_layers,
+                                   self.remat_policy)
 
     def __call__(self, *args, **kwargs) -> DecoderOutput:
         return self.decoder(*args, **kwargs)
@@ -520,10 +561,12 @@ class BartForCausalLM(nn.Module):
     config: BartConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def setup(self):
         config = self.config
-        self.model = BartDecoderWrapper(config, self.dtype, self.param_dtype)
+        self.model = BartDecoderWrapper(config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bart_jax import checkpoint_files, conversion
+from bart_jax import checkpoint_files, conversion, sharding
 from bart_jax.config import BartConfig
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.hub import resolve_model_directory
@@ -107,6 +107,8 @@ def load_pretrained(
     head_params: Any = None,
     strict: bool = True,
     revision: Optional[str] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    rules: Any = None,
 ) -> PretrainedBart:
     """Loads BART from a Hugging Face directory, a converted bart_jax directory or a hub id.
 
@@ -116,6 +118,8 @@ def load_pretrained(
     head_params: initial values for head weights the checkpoint lacks (e.g. a fresh
     classification head on bart-large); without them such a load is an error, never a silent
     random init. strict: tensors of the checkpoint that `head` does not use are an error.
+    mesh, rules: place each parameter straight from the host copy onto its shards of `mesh`
+    (`bart_jax.sharding.shard_params`; rules default to `sharding.RULES`).
     """
     directory = resolve_model_directory(path_or_hub_id, revision=revision)
     if checkpoint_files.is_converted_directory(directory):
@@ -130,6 +134,11 @@ def load_pretrained(
         state = checkpoint_files.load_hf_state_dict(directory)
         params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict)
     params = conversion.cast_params(params, param_dtype)
+    if mesh is not None:
+        params = sharding.shard_params(params, mesh, sharding.RULES if rules is None else rules)
+    else:
+        # On the device once: host (numpy) params would be copied again by every jitted call.
+        params = jax.device_put(params)
     module = head_class(head)(config, dtype=dtype, param_dtype=param_dtype)
     tokenizer = None
     if any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.json", "vocab.json")):

@@ -63,8 +63,11 @@ def converted(head: str, config_name: str, seed: int = 0):
 
 def run_both(head, config_name, torch_inputs, flax_inputs=None, **flags):
     model, config, module, params = converted(head, config_name)
+    # transformers sizes BartForCausalLM's cache by encoder_layers (num_hidden_layers), which
+    # breaks when the decoder is deeper; no cache is needed for a full forward pass.
+    torch_flags = dict(flags, use_cache=False) if head == "BartForCausalLM" else flags
     with torch.no_grad():
-        reference = model(**{k: torch.as_tensor(v) for k, v in torch_inputs.items()}, **flags)
+        reference = model(**{k: torch.as_tensor(v) for k, v in torch_inputs.items()}, **torch_flags)
     flax_inputs = torch_inputs if flax_inputs is None else flax_inputs
     ours = module.apply({"params": params}, **{k: jnp.asarray(v) for k, v in flax_inputs.items()}, **flags)
     return reference, ours

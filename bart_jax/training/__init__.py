@@ -1,0 +1,48 @@
+"""Training BART: denoising pre-training and fine-tuning (seq2seq, classification, extractive QA).
+
+`train(TrainingArguments(...))` runs or resumes a run; `main(argv)` is the command line
+(`python train.py --help`).
+"""
+
+from bart_jax.training.arguments import TrainingArguments, parse_arguments
+from bart_jax.training.loop import NonFiniteLossError, train
+from bart_jax.training.noise import NoiseConfig, NoiseVocabulary, add_noise
+from bart_jax.training.train_step import TrainState, make_eval_step, make_train_step
+
+__all__ = [
+    "NoiseConfig",
+    "NoiseVocabulary",
+    "NonFiniteLossError",
+    "TrainState",
+    "TrainingArguments",
+    "add_noise",
+    "main",
+    "make_eval_step",
+    "make_train_step",
+    "parse_arguments",
+    "train",
+]
+
+
+def main(argv=None) -> int:
+    """The command line: parses options (recipe + flags), trains, prints the final metrics as JSON."""
+    import json
+    import logging
+    import sys
+
+    # Only bart_jax's messages at INFO: orbax and jax log a lot at that level.
+    package_logger = logging.getLogger("bart_jax")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
+        package_logger.propagate = False
+    try:
+        arguments = parse_arguments(argv)
+        results = train(arguments)
+    except (ValueError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, sort_keys=True))
+    return 0

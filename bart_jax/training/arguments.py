@@ -1,0 +1,224 @@
+"""The training options, named as in the Hugging Face Flax example scripts where they exist.
+
+`parse_arguments(argv)` reads `--config recipe.yaml` first (see bart_jax.training.recipes),
+then lets every command-line flag override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Optional, Sequence
+
+from bart_jax.training import recipes
+
+TASKS = ("denoise", "seq2seq", "classify", "qa")
+DTYPES = ("float32", "bfloat16")
+# Columns read when none is given, by task.
+DEFAULT_COLUMNS = {
+    "denoise": {"text_column": "text"},
+    "seq2seq": {"text_column": "document", "summary_column": "summary"},
+    "classify": {"text_column": "sentence1", "label_column": "label"},
+    "qa": {"question_column": "question", "context_column": "context", "answer_column": "answers"},
+}
+
+
+@dataclasses.dataclass
+class TrainingArguments:
+    # --- what to train -------------------------------------------------------------------------
+    output_dir: str = dataclasses.field(default="", metadata={"help": "where checkpoints, metrics and the model go"})
+    task: str = dataclasses.field(default="seq2seq", metadata={"help": f"one of {', '.join(TASKS)}"})
+    model_name_or_path: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "a Hugging Face or converted bart_jax directory (or hub id) to start from"})
+    config_name: Optional[str] = dataclasses.field(
+        default=None,
+        metadata={"help": "train from scratch: a config directory (e.g. configs/bart-base) or config.json"})
+    config_overrides: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "config changes, e.g. 'd_model=256,encoder_layers=3,dropout=0.1'"})
+    tokenizer_name: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "tokenizer directory (default: the model's or config's directory)"})
+    dtype: str = dataclasses.field(
+        default="float32", metadata={"help": "computation dtype (float32 or bfloat16); weights stay float32"})
+    # --- data ------------------------------------------------------------------------------------
+    train_file: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": ".jsonl/.json/.csv/.tsv/.parquet file or saved dataset directory"})
+    validation_file: Optional[str] = dataclasses.field(default=None, metadata={"help": "evaluation data"})
+    text_column: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "input text column (dotted names reach into nested records)"})
+    summary_column: Optional[str] = dataclasses.field(default=None, metadata={"help": "seq2seq target column"})
+    text_pair_column: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "classify: second text of a pair (e.g. hypothesis)"})
+    label_column: Optional[str] = dataclasses.field(default=None, metadata={"help": "classify: label column"})
+    question_column: Optional[str] = dataclasses.field(default=None, metadata={"help": "qa: question column"})
+    context_column: Optional[str] = dataclasses.field(default=None, metadata={"help": "qa: context column"})
+    answer_column: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "qa: answers column {'text': [...], 'answer_start': [...]}"})
+    max_source_length: int = dataclasses.field(default=1024, metadata={"help": "seq2seq/denoise input tokens"})
+    max_target_length: int = dataclasses.field(default=128, metadata={"help": "seq2seq target tokens"})
+    val_max_target_length: Optional[int] = dataclasses.field(
+        default=None, metadata={"help": "generated tokens at evaluation (default: max_target_length)"})
+    max_seq_length: int = dataclasses.field(default=384, metadata={"help": "classify/qa input tokens"})
+    max_train_samples: Optional[int] = dataclasses.field(default=None, metadata={"help": "use the first N examples"})
+    max_eval_samples: Optional[int] = dataclasses.field(default=None, metadata={"help": "evaluate the first N"})
+    num_labels: Optional[int] = dataclasses.field(default=None, metadata={"help": "classify: number of labels"})
+    problem_type: Optional[str] = dataclasses.field(
+        default=None,
+        metadata={"help": "classify: single_label_classification, multi_label_classification or regression"})
+    # --- denoising noise (defaults: BART pre-training) ------------------------------------------
+    mask_ratio: float = dataclasses.field(default=0.3, metadata={"help": "fraction of words masked in spans"})
+    random_ratio: float = dataclasses.field(default=0.1, metadata={"help": "fraction of masks that are random tokens"})
+    poisson_lambda: float = dataclasses.field(default=3.0, metadata={"help": "mean masked span length (words)"})
+    permute_sentence_ratio: float = dataclasses.field(default=1.0, metadata={"help": "fraction of sentences shuffled"})
+    deletion_ratio: float = dataclasses.field(default=0.0, metadata={"help": "fraction of tokens deleted"})
+    insert_ratio: float = dataclasses.field(default=0.0, metadata={"help": "masks inserted, per token"})
+    rotate_ratio: float = dataclasses.field(default=0.0, metadata={"help": "probability of rotating a document"})
+    # --- optimisation ---------------------------------------------------------------------------
+    per_device_train_batch_size: int = dataclasses.field(
+        default=8, metadata={"help": "examples per device per micro-batch"})
+    per_device_eval_batch_size: int = dataclasses.field(
+        default=8, metadata={"help": "examples per device at evaluation"})
+    gradient_accumulation_steps: int = dataclasses.field(default=1, metadata={"help": "micro-batches per update"})
+    learning_rate: float = dataclasses.field(default=5e-5, metadata={"help": "peak learning rate"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    adam_beta1: float = dataclasses.field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = dataclasses.field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_epsilon: float = dataclasses.field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    max_grad_norm: float = dataclasses.field(default=1.0, metadata={"help": "global-norm clipping (0: none)"})
+    lr_scheduler_type: str = dataclasses.field(default="linear", metadata={"help": "linear, cosine or constant"})
+    warmup_steps: int = dataclasses.field(default=0, metadata={"help": "linear warmup steps"})
+    num_train_epochs: float = dataclasses.field(default=3.0, metadata={"help": "epochs (when max_steps <= 0)"})
+    max_steps: int = dataclasses.field(default=-1, metadata={"help": "updates to run; overrides num_train_epochs"})
+    label_smoothing_factor: float = dataclasses.field(default=0.0, metadata={"help": "label smoothing epsilon"})
+    seed: int = dataclasses.field(default=42, metadata={"help": "seed of init, data order, noise and dropout"})
+    mesh: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "shard over all devices: data, fsdp, tensor, fsdp+tensor, ... "
+                                        "(bart_jax.sharding presets); default: one device"})
+    # --- evaluation -----------------------------------------------------------------------------
+    eval_steps: Optional[int] = dataclasses.field(
+        default=None, metadata={"help": "evaluate every N updates (always at the end when there is validation data)"})
+    predict_with_generate: bool = dataclasses.field(
+        default=False, metadata={"help": "seq2seq: generate at evaluation and report ROUGE"})
+    num_beams: Optional[int] = dataclasses.field(
+        default=None, metadata={"help": "beams for generation at evaluation (default: the model's)"})
+    max_answer_length: int = dataclasses.field(default=30, metadata={"help": "qa: longest answer in tokens"})
+    version_2_with_negative: bool = dataclasses.field(
+        default=False, metadata={"help": "qa: some questions have no answer (SQuAD 2.0)"})
+    null_score_diff_threshold: float = dataclasses.field(
+        default=0.0, metadata={"help": "qa: predict no answer when its score beats the best span by this"})
+    # --- output ---------------------------------------------------------------------------------
+    overwrite_output_dir: bool = dataclasses.field(
+        default=False, metadata={"help": "replace another run's checkpoints in output_dir"})
+    logging_steps: int = dataclasses.field(default=10, metadata={"help": "log metrics every N updates"})
+    save_steps: int = dataclasses.field(default=500, metadata={"help": "checkpoint every N updates"})
+    save_total_limit: Optional[int] = dataclasses.field(default=3, metadata={"help": "checkpoints kept"})
+    async_checkpointing: bool = dataclasses.field(default=True, metadata={"help": "save in the background"})
+    report_to: str = dataclasses.field(default="none", metadata={"help": "none or tensorboard"})
+    disable_tqdm: bool = dataclasses.field(default=False, metadata={"help": "no progress bar"})
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first inconsistent option."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.report_to not in ("none", "tensorboard"):
+            raise ValueError(f"report_to must be none or tensorboard, got {self.report_to!r}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps", "max_source_length", "max_target_length", "max_seq_length",
+                     "max_answer_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_steps", "max_train_samples", "max_eval_samples", "num_labels", "num_beams",
+                     "val_max_target_length", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive when given, got {value}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set max_steps or a positive num_train_epochs")
+
+    def check_complete(self) -> None:
+        if not self.output_dir:
+            raise ValueError("--output_dir is required")
+        if not self.train_file:
+            raise ValueError("--train_file is required")
+        if bool(self.model_name_or_path) == bool(self.config_name):
+            raise ValueError("pass exactly one of --model_name_or_path (fine-tune) and --config_name (from scratch)")
+        self.validate()
+
+    def column(self, name: str) -> Optional[str]:
+        """The column option `name`, or the task's default column."""
+        return getattr(self, name) or DEFAULT_COLUMNS[self.task].get(name)
+
+    def run_identity(self) -> dict:
+        """The options that define the training trajectory (paths made absolute)."""
+        identity = {}
+        for field in dataclasses.fields(self):
+            if field.name in RESUMABLE_CHANGES:
+                continue
+            value = getattr(self, field.name)
+            if field.name in PATH_OPTIONS and value and os.path.exists(value):
+                value = os.path.abspath(value)
+            identity[field.name] = value
+        return identity
+
+
+# Options that may differ when a run is resumed: they do not change what is trained.
+RESUMABLE_CHANGES = (
+    "output_dir", "overwrite_output_dir", "validation_file", "per_device_eval_batch_size", "max_eval_samples",
+    "eval_steps", "predict_with_generate", "num_beams", "val_max_target_length", "max_answer_length",
+    "version_2_with_negative", "null_score_diff_threshold", "logging_steps", "save_steps", "save_total_limit",
+    "async_checkpointing", "report_to", "disable_tqdm",
+)
+PATH_OPTIONS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "y"):
+        return True
+    if lowered in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _field_type(field: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(TrainingArguments)[field.name]
+    arguments = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return arguments[0] if arguments else hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train BART: denoising pre-training or fine-tuning (seq2seq, classification, QA).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML recipe (e.g. configs/train/xsum.yaml); flags override it")
+    for field in dataclasses.fields(TrainingArguments):
+        kind = _field_type(field)
+        if kind is bool:
+            parser.add_argument(f"--{field.name}", type=_parse_bool, nargs="?", const=True, default=field.default,
+                                help=field.metadata["help"])
+        else:
+            parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=field.metadata["help"])
+    return parser
+
+
+def parse_arguments(argv: Optional[Sequence[str]] = None) -> TrainingArguments:
+    """Options from a recipe (`--config`) overridden by the command line."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        recipe = recipes.load_recipe(known.config, {field.name for field in dataclasses.fields(TrainingArguments)})
+        parser.set_defaults(**recipe)
+    namespace = vars(parser.parse_args(argv))
+    namespace.pop("config")
+    arguments = TrainingArguments(**namespace)
+    arguments.check_complete()
+    return arguments

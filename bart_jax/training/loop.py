@@ -1,0 +1,292 @@
+"""The training loop: data, model, optimizer, checkpoints, evaluation, logging and export.
+
+Resuming: when `output_dir` holds checkpoints of the same run (same run settings), the newest
+one is restored — params, optimizer state, step, dropout key and data position — and training
+continues with the next unseen batch, so an interrupted run ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from bart_jax.config import BartConfig
+from bart_jax.hub import resolve_model_directory
+from bart_jax.losses import IGNORE_INDEX
+from bart_jax.sharding import preset_mesh
+from bart_jax.training import checkpointing, features, noise, qa
+from bart_jax.training.arguments import RESUMABLE_CHANGES, TrainingArguments
+from bart_jax.training.batching import DataPosition, collate, training_batches
+from bart_jax.training.data import column_values, read_records
+from bart_jax.training.evaluation import evaluate
+from bart_jax.training.metrics import MetricsLog
+from bart_jax.training.models import (
+    TrainingModel,
+    config_from_name,
+    export_model,
+    load_training_model,
+    parse_config_overrides,
+)
+from bart_jax.training.objectives import TASK_HEADS, make_objective
+from bart_jax.training.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
+from bart_jax.training.train_step import (
+    compile_eval_step,
+    compile_train_step,
+    create_train_state,
+    make_eval_step,
+    make_train_step,
+)
+
+logger = logging.getLogger(__name__)
+
+# The validation split's denoising noise is drawn with the training seed plus this.
+EVALUATION_SEED_OFFSET = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient."""
+
+
+def _base_config(arguments: TrainingArguments) -> BartConfig:
+    if arguments.model_name_or_path:
+        return BartConfig.from_pretrained(resolve_model_directory(arguments.model_name_or_path))
+    return config_from_name(arguments.config_name)[0]
+
+
+def _label_scheme(arguments: TrainingArguments, records: list, base: BartConfig) -> features.LabelScheme:
+    labels = column_values(records, arguments.column("label_column"), arguments.train_file)
+    names = [name for _, name in base.id2label]
+    default_names = all(name == f"LABEL_{i}" for i, name in enumerate(names))
+    return features.infer_label_scheme([label for label in labels if label not in (None, "")],
+                                       arguments.problem_type, arguments.num_labels,
+                                       () if default_names else names)
+
+
+def build_task_data(arguments: TrainingArguments, records: list, tokenizer, scheme, seed: int,
+                    source: str) -> features.TaskData:
+    """The features of one split for `arguments.task`."""
+    task, column = arguments.task, arguments.column
+    if task == "seq2seq":
+        return features.seq2seq_data(records, tokenizer, column("text_column"), column("summary_column"),
+                                     arguments.max_source_length, arguments.max_target_length, source)
+    if task == "denoise":
+        config = noise.NoiseConfig(arguments.mask_ratio, arguments.random_ratio, arguments.poisson_lambda,
+                                   arguments.permute_sentence_ratio, arguments.deletion_ratio,
+                                   arguments.insert_ratio, arguments.rotate_ratio)
+        return features.denoising_data(records, tokenizer, column("text_column"), arguments.max_source_length,
+                                       config, seed, source)
+    if task == "classify":
+        return features.classification_data(records, tokenizer, column("text_column"), column("text_pair_column"),
+                                            column("label_column"), arguments.max_seq_length, scheme, source)
+    return qa.qa_data(records, tokenizer, column("question_column"), column("context_column"),
+                      column("answer_column"), arguments.max_seq_length, source)
+
+
+def _check_lengths(arguments: TrainingArguments, config: BartConfig) -> None:
+    lengths = {"seq2seq": {"max_source_length": arguments.max_source_length,
+                           "max_target_length": arguments.max_target_length},
+               # Denoising targets are the clean inputs: max_source_length bounds both.
+               "denoise": {"max_source_length": arguments.max_source_length}}.get(
+        arguments.task, {"max_seq_length": arguments.max_seq_length})
+    for name, value in lengths.items():
+        if value > config.max_position_embeddings:
+            raise ValueError(f"{name} ({value}) exceeds the model's max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+
+
+def _stack_micro_batches(batch: dict[str, np.ndarray], accumulation_steps: int) -> dict[str, np.ndarray]:
+    """[accumulation * micro, ...] -> [accumulation, micro, ...]."""
+    return {name: value.reshape(accumulation_steps, -1, *value.shape[1:]) for name, value in batch.items()}
+
+
+def _count_tokens(batch: dict[str, np.ndarray]) -> int:
+    tokens = int(batch["attention_mask"].sum())
+    if "labels" in batch and batch["labels"].ndim == 2 and np.issubdtype(batch["labels"].dtype, np.integer):
+        tokens += int(np.sum(batch["labels"] != IGNORE_INDEX))
+    return tokens
+
+
+class _Window:
+    """Per-step metrics since the last log (left on the device until logged), and non-finite checks."""
+
+    def __init__(self):
+        self.steps: list[tuple[int, dict]] = []
+        self.tokens = 0
+        self.start_time = time.perf_counter()
+
+    def add(self, step: int, metrics: dict, tokens: int) -> None:
+        self.steps.append((step, metrics))
+        self.tokens += tokens
+
+    def summary(self) -> dict[str, float]:
+        """Means over the window; raises NonFiniteLossError at the first bad step."""
+        fetched = jax.device_get([metrics for _, metrics in self.steps])
+        for (step, _), values in zip(self.steps, fetched):
+            if not values["finite"]:
+                raise NonFiniteLossError(f"the loss or gradient became {values['loss']} at step {step}")
+        elapsed = max(time.perf_counter() - self.start_time, 1e-9)
+        summary = {name: float(np.mean([values[name] for values in fetched])) for name in ("loss", "grad_norm")}
+        summary["learning_rate"] = float(fetched[-1]["learning_rate"])
+        summary["tokens_per_second"] = self.tokens / elapsed
+        self.steps, self.tokens, self.start_time = [], 0, time.perf_counter()
+        return summary
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What a run trains on: the model, the data and the number of steps."""
+
+    model: TrainingModel
+    train_data: features.TaskData
+    eval_data: Optional[features.TaskData]
+    batch_size: int  # examples per update, over all devices and micro-batches
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _set_up(arguments: TrainingArguments, batch_size: int, init_key: jax.Array) -> _Setup:
+    """Reads the data, loads the model and counts the steps."""
+    task = arguments.task
+    train_records = read_records(arguments.train_file)[: arguments.max_train_samples]
+    eval_records = (read_records(arguments.validation_file)[: arguments.max_eval_samples]
+                    if arguments.validation_file else None)
+    config_changes = parse_config_overrides(arguments.config_overrides)
+    scheme = None
+    if task == "classify":
+        scheme = _label_scheme(arguments, train_records, _base_config(arguments))
+        config_changes.update(id2label=dict(enumerate(scheme.names)), problem_type=scheme.problem_type)
+    model = load_training_model(arguments.model_name_or_path, arguments.config_name, TASK_HEADS[task],
+                                config_changes, arguments.dtype, arguments.tokenizer_name, init_key)
+    _check_lengths(arguments, model.config)
+    train_data = build_task_data(arguments, train_records, model.tokenizer, scheme, arguments.seed,
+                                 arguments.train_file)
+    logger.info(train_data.stats.describe("training data"))
+    eval_data = None
+    if eval_records is not None:
+        eval_data = build_task_data(arguments, eval_records, model.tokenizer, scheme,
+                                    arguments.seed + EVALUATION_SEED_OFFSET, arguments.validation_file)
+        logger.info(eval_data.stats.describe("validation data"))
+    steps_per_epoch = len(train_data) // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{arguments.train_file} has {len(train_data)} usable examples, fewer than one batch of "
+                         f"{batch_size}")
+    total_steps = (arguments.max_steps if arguments.max_steps > 0
+                   else math.ceil(arguments.num_train_epochs * steps_per_epoch))
+    return _Setup(model, train_data, eval_data, batch_size, steps_per_epoch, total_steps)
+
+
+def train(arguments: TrainingArguments) -> dict[str, Any]:
+    """Runs (or resumes) training as `arguments` say; returns the last logged and evaluation metrics."""
+    arguments.check_complete()
+    batch_size = arguments.per_device_train_batch_size * jax.device_count() * arguments.gradient_accumulation_steps
+    # The data position counts batches: resuming needs the same number of examples per batch.
+    identity = {**arguments.run_identity(), "train_batch_size": batch_size}
+    checkpointing.prepare_output_dir(arguments.output_dir, identity, arguments.overwrite_output_dir,
+                                     RESUMABLE_CHANGES)
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(arguments.seed))
+    setup = _set_up(arguments, batch_size, init_key)
+    model = setup.model
+
+    schedule = learning_rate_schedule(arguments.learning_rate, setup.total_steps, arguments.warmup_steps,
+                                      arguments.lr_scheduler_type)
+    optimizer = make_optimizer(model.params, schedule, arguments.weight_decay, arguments.adam_beta1,
+                               arguments.adam_beta2, arguments.adam_epsilon, arguments.max_grad_norm)
+    objective = make_objective(model.module, arguments.task, arguments.label_smoothing_factor)
+    mesh = preset_mesh(arguments.mesh) if arguments.mesh else None
+    step_function = make_train_step(objective, optimizer, trainable_mask(model.params), schedule)
+    train_step, state = compile_train_step(step_function, create_train_state(model.params, optimizer), mesh)
+    eval_step = compile_eval_step(make_eval_step(objective), state.params, mesh)
+
+    checkpointer = checkpointing.Checkpointer(arguments.output_dir, arguments.save_total_limit,
+                                              arguments.async_checkpointing)
+    position = DataPosition()
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, progress = checkpointer.restore(latest, state)
+        position = DataPosition.from_dict(progress["data"])
+        dropout_key = checkpointing.key_from_json(progress["rng"])
+        logger.info("resumed from the checkpoint of step %d (epoch %d, batch %d)", latest, position.epoch,
+                    position.batch)
+    step = int(state.step)
+    log = MetricsLog(arguments.output_dir, tensorboard=arguments.report_to == "tensorboard")
+    log.truncate_after(step)
+
+    def run_evaluation() -> dict[str, float]:
+        return evaluate(
+            arguments.task, eval_step, state.params, setup.eval_data, model,
+            arguments.per_device_eval_batch_size * jax.device_count(),
+            predict_with_generate=arguments.predict_with_generate, generation_options=_generation_options(arguments),
+            max_answer_length=arguments.max_answer_length, allow_no_answer=arguments.version_2_with_negative,
+            null_score_threshold=arguments.null_score_diff_threshold,
+        )
+
+    logger.info("training %s for %d steps of %d examples (%d per epoch) from step %d", model.head,
+                setup.total_steps, batch_size, setup.steps_per_epoch, step)
+    last_logged: dict[str, Any] = {}
+    window = _Window()
+    batches = training_batches(len(setup.train_data), batch_size, arguments.seed, position)
+    progress_bar = tqdm(total=setup.total_steps, initial=step, disable=arguments.disable_tqdm, desc="training")
+    try:
+        while step < setup.total_steps:
+            position, epoch, indices = next(batches)
+            batch = collate(setup.train_data, indices, epoch, model.config.pad_token_id)
+            tokens = _count_tokens(batch)
+            state, step_metrics = train_step(state, _stack_micro_batches(batch, arguments.gradient_accumulation_steps),
+                                             dropout_key)
+            step += 1
+            window.add(step, step_metrics, tokens)
+            progress_bar.update(1)
+            is_last = step == setup.total_steps
+            is_save = step % arguments.save_steps == 0 or is_last
+            entry: dict[str, Any] = {}
+            if step % arguments.logging_steps == 0 or is_save:
+                # Also before every save: only states with finite losses are saved.
+                entry.update(window.summary())
+                entry["epoch"] = position.epoch + position.batch / setup.steps_per_epoch
+                progress_bar.set_postfix(loss=f"{entry['loss']:.4f}")
+            if setup.eval_data is not None and arguments.eval_steps and step % arguments.eval_steps == 0 \
+                    and not is_last:
+                entry.update(run_evaluation())
+            if entry:
+                log.write(step, entry)
+                last_logged = entry
+            if is_save:
+                checkpointer.save(step, state, {"data": position.to_dict(),
+                                                "rng": checkpointing.key_to_json(dropout_key)})
+    except NonFiniteLossError as error:
+        checkpointer.wait()
+        last = checkpointer.latest_step()
+        kept = (f"the last good checkpoint is step {last} in {checkpointer.directory}" if last is not None
+                else "no checkpoint was saved")
+        raise NonFiniteLossError(f"{error}; stopping ({kept}). Try a lower learning rate or float32.") from None
+    finally:
+        progress_bar.close()
+        # Also on an interruption: let a background save finish so that it is not lost.
+        checkpointer.close()
+
+    results = dict(last_logged)
+    if setup.eval_data is not None:
+        evaluation = run_evaluation()
+        log.write(step, evaluation)
+        results.update(evaluation)
+    log.close()
+    model_dir, hf_dir = export_model(model, state.params, arguments.output_dir)
+    logger.info("saved the trained model to %s and %s", model_dir, hf_dir)
+    results["step"] = step
+    return results
+
+
+def _generation_options(arguments: TrainingArguments) -> dict[str, Any]:
+    options: dict[str, Any] = {"max_length": arguments.val_max_target_length or arguments.max_target_length}
+    if arguments.num_beams:
+        options["num_beams"] = arguments.num_beams
+    return options
+
