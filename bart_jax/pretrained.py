@@ -129,7 +129,7 @@ def load_pretrained(
         head = _resolve_head(config, head)
         state = checkpoint_files.load_hf_state_dict(directory)
         params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict)
-    params = conversion.cast_params(params, param_dtype)
+    params = jax.device_put(conversion.cast_params(params, param_dtype))
     module = head_class(head)(config, dtype=dtype, param_dtype=param_dtype)
     tokenizer = None
     if any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.json", "vocab.json")):
