@@ -50,11 +50,11 @@ def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
 def attention_weights(query: Array, key: Array, mask: Optional[Array]) -> Array:
     """Softmax attention probabilities in float32.
 
-    query: [batch, query_length, heads, head_dim], already scaled by head_dim**-0.5.
-    key: [batch, key_length, heads, head_dim]. mask: broadcastable to [batch, heads, q, k].
+    query: [batch, heads, query_length, head_dim], already scaled by head_dim**-0.5.
+    key: [batch, heads, key_length, head_dim]. mask: broadcastable to [batch, heads, q, k].
     Returns [batch, heads, query_length, key_length].
     """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
     if mask is not None:
         # The most negative finite value (not -inf) keeps a fully masked row finite, as transformers' eager path.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -91,10 +91,17 @@ class BartAttention(nn.Module):
         self.attention_dropout = nn.Dropout(self.dropout)
 
     def _split_heads(self, x: Array) -> Array:
-        return constrain(x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim)), PER_HEAD)
+        """[batch, length, d_model] -> [batch, heads, length, head_dim].
+
+        Heads lead the length axis so that every attention matmul has its batch dimensions
+        (batch, heads) outermost: XLA then runs it without transposing keys/values first, which
+        matters when a long cache or source is attended once per decoded token.
+        """
+        batch, length = x.shape[:2]
+        return constrain(x.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3), PER_HEAD)
 
     def project_key_value(self, states: Array) -> dict[str, Array]:
-        """states [batch, key_length, d_model] -> {"key", "value"}: [batch, key_length, heads, head_dim]."""
+        """states [batch, key_length, d_model] -> {"key", "value"}: [batch, heads, key_length, head_dim]."""
         return {"key": self._split_heads(self.k_proj(states)), "value": self._split_heads(self.v_proj(states))}
 
     def __call__(
@@ -105,47 +112,91 @@ class BartAttention(nn.Module):
         key_value: Optional[dict[str, Array]] = None,
         cache: Optional[dict[str, Array]] = None,
         cache_index: Optional[Array] = None,
+        ancestors: Optional[Array] = None,
         layer_head_mask: Optional[Array] = None,
         deterministic: bool = True,
     ) -> tuple[Array, Array, Optional[dict[str, Array]]]:
         """Attention of `hidden_states` [rows, query_length, d_model] over one of:
 
-        - itself (self-attention; with `cache` and `cache_index`, new keys/values are first
-          written into the cache [rows, max_length, heads, head_dim] and the whole cache is attended),
+        - itself (self-attention); with a `cache` (see bart_jax/cache.py) the new keys/values are
+          written at `cache_index` and every cached position is attended, read through `ancestors`;
         - `key_value_states` [batch, key_length, d_model] (cross-attention), or
         - precomputed `key_value` from `project_key_value` (cross-attention during decoding).
 
-        For cross-attention `rows` may be a multiple of the keys' batch (beams of a row share
-        that row's keys/values; beams are the inner dimension of rows).
-        `mask`: boolean, broadcastable to [batch, heads, query, key]. `layer_head_mask`: [heads].
+        `rows` may be a multiple of the keys' batch: the beams (or samples) of an input, inner
+        in `rows`, share that input's cross-attention keys/values.
+        `mask`: boolean, broadcastable to [rows, heads, query, key]. `layer_head_mask`: [heads].
         Returns (output [rows, query_length, d_model], weights [rows, heads, query, key], new cache).
         """
         query = self._split_heads(self.q_proj(hidden_states)) * jnp.asarray(self.head_dim**-0.5, self.dtype)
-        new_cache = None
         if key_value is None:
             key_value = self.project_key_value(hidden_states if key_value_states is None else key_value_states)
-        key, value = key_value["key"], key_value["value"]
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            new_cache = {
-                name: constrain(lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start), CACHE)
-                for name, new in (("key", key), ("value", value))
-            }
-            key, value = new_cache["key"].astype(self.dtype), new_cache["value"].astype(self.dtype)
+            return self._attend_cache(query, key_value, cache, cache_index, ancestors, mask, layer_head_mask,
+                                      deterministic)
+        key, value = key_value["key"], key_value["value"]
 
-        rows, query_length = query.shape[:2]
-        groups = rows // key.shape[0]
+        rows, heads, query_length, head_dim = query.shape
+        batch = key.shape[0]
+        groups = rows // batch
         # Fold beams into the query axis so that shared keys/values are not repeated per beam.
-        query = query.reshape((key.shape[0], groups * query_length) + query.shape[2:])
+        query = query.reshape(batch, groups, heads, query_length, head_dim).transpose(0, 2, 1, 3, 4)
+        query = query.reshape(batch, heads, groups * query_length, head_dim)
         weights = attention_weights(query, key, mask)  # [batch, heads, groups * query, key]
         if layer_head_mask is not None:
             weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
         dropped = self.attention_dropout(weights, deterministic=deterministic)
-        output = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), value)
-        output = output.reshape((rows, query_length, self.embed_dim))
-        output = self.out_proj(output)
+        output = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), value)
+        output = output.reshape(batch, heads, groups, query_length, head_dim).transpose(0, 2, 3, 1, 4)
+        output = self.out_proj(output.reshape(rows, query_length, self.embed_dim))
 
-        heads, key_length = weights.shape[1], weights.shape[-1]
-        weights = weights.reshape(key.shape[0], heads, groups, query_length, key_length)
+        key_length = weights.shape[-1]
+        weights = weights.reshape(batch, heads, groups, query_length, key_length)
         weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, heads, query_length, key_length)
-        return output, weights, new_cache
+        return output, weights, None
+
+    def _attend_cache(self, query, key_value, cache, cache_index, ancestors, mask, layer_head_mask, deterministic):
+        """Self-attention over the beam cache [batch, heads, beams, max_length, head_dim].
+
+        Beam search never moves cached keys/values: position p of beam g lives in the slot of
+        beam `ancestors[b, g, p]` (the beam that computed it). Each query scores the keys of all
+        beams of its input (beams x the attention math, which is small) and keeps its
+        ancestors' — cheaper than gathering the whole cache every step.
+        query: [rows, heads, query_length, head_dim]; ancestors: [batch, beams, max_length].
+        """
+        rows, heads, query_length, head_dim = query.shape
+        batch, _, beams, max_length, _ = cache["key"].shape
+
+        def beam_layout(x):  # [rows, heads, t, d] -> [batch, heads, beams, t, d]
+            return x.reshape(batch, beams, heads, x.shape[2], x.shape[3]).transpose(0, 2, 1, 3, 4)
+
+        start = (0, 0, 0, cache_index, 0)
+        new_cache = {
+            name: constrain(
+                lax.dynamic_update_slice(cache[name], beam_layout(key_value[name]).astype(cache[name].dtype), start),
+                CACHE,
+            )
+            for name in ("key", "value")
+        }
+        key, value = new_cache["key"].astype(self.dtype), new_cache["value"].astype(self.dtype)
+        # [batch, 1, beams (query), 1, beams (slot), max_length]
+        owner = (ancestors[:, :, None, :] == jnp.arange(beams)[None, None, :, None])[:, None, :, None]
+        scores = jnp.einsum("bhgtd,bhkld->bhgtkl", beam_layout(query), key, preferred_element_type=jnp.float32)
+        scores = jnp.sum(jnp.where(owner, scores, 0.0), axis=4)  # [batch, heads, beams, t, max_length]
+        if mask is not None:
+            mask = _beam_major(mask, batch, beams) if mask.shape[0] == rows else mask[:, :, None]
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1)
+        if layer_head_mask is not None:
+            weights = weights * layer_head_mask[None, :, None, None, None].astype(weights.dtype)
+        dropped = self.attention_dropout(weights, deterministic=deterministic)
+        spread = jnp.where(owner, dropped[:, :, :, :, None, :], 0.0).astype(self.dtype)
+        output = jnp.einsum("bhgtkl,bhkld->bhgtd", spread, value)  # [batch, heads, beams, t, head_dim]
+        output = output.transpose(0, 2, 3, 1, 4).reshape(rows, query_length, self.embed_dim)
+        weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, heads, query_length, max_length)
+        return self.out_proj(output), weights, new_cache
+
+
+def _beam_major(mask: Array, batch: int, beams: int) -> Array:
+    """A per-row mask [rows, m, q, k] as [batch, m, beams, q, k] (rows = batch * beams, beams inner)."""
+    return mask.reshape((batch, beams) + mask.shape[1:]).transpose(0, 2, 1, 3, 4)

@@ -1,9 +1,17 @@
-"""The decoder's preallocated self-attention key/value cache.
+"""The decoder's preallocated self-attention cache, laid out for beam search.
 
-A cache is a tuple over decoder layers of {"key", "value"} arrays of shape
-[rows, max_length, heads, head_dim]; `rows` is batch * beams during beam search.
-Decoding writes new keys/values at a position (`cache_index`) given by the caller, so
-the cache has static shapes and the decode step compiles once.
+A cache is {"layers": tuple over decoder layers of {"key", "value"}, "ancestors"}:
+
+    key, value  [batch, heads, beams, max_length, head_dim]
+    ancestors   [batch, beams, max_length] int32
+
+`beams` is the number of rows per input (beams in beam search, returned sequences in
+sampling, 1 in greedy search); decoder rows are batch * beams, beams inner. Decoding writes
+each row's new keys/values into its own slot at `cache_index`, so shapes are static and the
+decode step compiles once. When beam search continues beam j in row i, nothing is copied:
+`reorder_cache` only moves the rows of `ancestors`, which records, for each row and position,
+the slot holding that position's keys/values. Heads come before beams and positions so that
+attention reads the cache without transposing it.
 """
 
 from __future__ import annotations
@@ -14,24 +22,28 @@ import jax.numpy as jnp
 from bart_jax.config import BartConfig
 
 
-def cache_shapes(config: BartConfig, rows: int, max_length: int, dtype=jnp.float32):
+def cache_shapes(config: BartConfig, batch: int, max_length: int, beams: int = 1, dtype=jnp.float32):
     """The cache's structure as `jax.ShapeDtypeStruct`s, computed without allocating."""
-    head_dim = config.d_model // config.decoder_attention_heads
-    layer = jax.ShapeDtypeStruct((rows, max_length, config.decoder_attention_heads, head_dim), jnp.dtype(dtype))
-    return tuple({"key": layer, "value": layer} for _ in range(config.decoder_layers))
+    heads = config.decoder_attention_heads
+    layer = jax.ShapeDtypeStruct((batch, heads, beams, max_length, config.d_model // heads), jnp.dtype(dtype))
+    return {
+        "layers": tuple({"key": layer, "value": layer} for _ in range(config.decoder_layers)),
+        "ancestors": jax.ShapeDtypeStruct((batch, beams, max_length), jnp.int32),
+    }
 
 
-def init_cache(config: BartConfig, rows: int, max_length: int, dtype=jnp.float32):
-    """A zero cache for `rows` sequences of up to `max_length` decoder tokens.
-
-    Returns a tuple over decoder layers of {"key", "value"}: [rows, max_length, heads, head_dim].
-    """
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(config, rows, max_length, dtype))
+def init_cache(config: BartConfig, batch: int, max_length: int, beams: int = 1, dtype=jnp.float32):
+    """A zero cache for `batch` inputs with `beams` rows each, up to `max_length` decoder tokens."""
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                  cache_shapes(config, batch, max_length, beams, dtype))
 
 
 def reorder_cache(cache, row_indices: jax.Array):
-    """Gathers cache rows (beam search keeps the cache of the beams it continues).
+    """The cache after beam search keeps, in each row r, the hypothesis of row `row_indices[r]`.
 
-    row_indices: [rows] int, the source row of each new row.
+    row_indices: [batch * beams], each within its own input's rows. Only `ancestors` moves.
     """
-    return jax.tree_util.tree_map(lambda x: jnp.take(x, row_indices, axis=0), cache)
+    ancestors = cache["ancestors"]  # [batch, beams, max_length]
+    batch, beams, max_length = ancestors.shape
+    moved = jnp.take(ancestors.reshape(batch * beams, max_length), row_indices, axis=0, mode="clip")
+    return {**cache, "ancestors": moved.reshape(batch, beams, max_length)}

@@ -110,7 +110,7 @@ class BartDecoderLayer(FeedForwardMixin, nn.Module):
         self.residual_dropout = nn.Dropout(config.dropout)
 
     def project_cross_key_value(self, encoder_hidden_states: Array) -> dict[str, Array]:
-        """encoder_hidden_states [batch, source, d_model] -> {"key","value"} [batch, source, heads, head_dim]."""
+        """encoder_hidden_states [batch, source, d_model] -> {"key","value"} [batch, heads, source, head_dim]."""
         return self.encoder_attn.project_key_value(encoder_hidden_states)
 
     def __call__(
@@ -122,6 +122,7 @@ class BartDecoderLayer(FeedForwardMixin, nn.Module):
         cross_key_value: Optional[dict[str, Array]] = None,
         cache: Optional[dict[str, Array]] = None,
         cache_index: Optional[Array] = None,
+        ancestors: Optional[Array] = None,
         layer_head_mask: Optional[Array] = None,
         cross_attn_layer_head_mask: Optional[Array] = None,
         deterministic: bool = True,
@@ -133,7 +134,7 @@ class BartDecoderLayer(FeedForwardMixin, nn.Module):
         """
         residual = hidden_states
         hidden_states, self_weights, new_cache = self.self_attn(
-            hidden_states, mask=self_attention_mask, cache=cache, cache_index=cache_index,
+            hidden_states, mask=self_attention_mask, cache=cache, cache_index=cache_index, ancestors=ancestors,
             layer_head_mask=layer_head_mask, deterministic=deterministic,
         )
         hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)

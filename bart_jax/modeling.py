@@ -193,7 +193,7 @@ class BartDecoder(nn.Module):
         """Each layer's cross-attention keys/values, computed once per source.
 
         encoder_hidden_states [batch, source, d_model] -> tuple over layers of
-        {"key", "value"}: [batch, source, heads, head_dim].
+        {"key", "value"}: [batch, heads, source, head_dim].
         """
         def step(layer, carry, _):
             return carry, layer.project_cross_key_value(encoder_hidden_states)
@@ -223,8 +223,8 @@ class BartDecoder(nn.Module):
         Cross-attention reads `cross_key_values` (from `project_cross_key_values`) when given,
         else projects `encoder_hidden_states` [batch, source, d_model]; `rows` may be a multiple
         of `batch` (beams). `encoder_attention_mask`: [batch, source]. With `cache` (from
-        bart_jax.cache.init_cache) the new tokens are written at `cache_index` and attend to
-        every earlier cached position.
+        bart_jax.cache.init_cache; rows = its batch * beams) the new tokens are written at
+        `cache_index` and attend to every earlier cached position.
         """
         config = self.config
         if inputs_embeds is None:
@@ -237,7 +237,15 @@ class BartDecoder(nn.Module):
         hidden_states = self.layernorm_embedding(hidden_states)
         hidden_states = constrain(self.embedding_dropout(hidden_states, deterministic=deterministic), HIDDEN)
 
-        key_length = length if cache is None else cache[0]["key"].shape[1]
+        ancestors = None
+        if cache is None:
+            key_length = length
+        else:
+            key_length = cache["ancestors"].shape[2]
+            # Positions written now belong to each row's own cache slot.
+            batch, beams = cache["ancestors"].shape[:2]
+            own_slots = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[None, :, None], (batch, beams, length))
+            ancestors = jax.lax.dynamic_update_slice(cache["ancestors"], own_slots, (0, 0, past_length))
         self_mask = combine_masks(make_causal_mask(query_positions, key_length), padding_mask(attention_mask))
         cross_mask = padding_mask(encoder_attention_mask)
 
@@ -245,7 +253,7 @@ class BartDecoder(nn.Module):
             cross_key_value, layer_cache, layer_head_mask, cross_layer_head_mask = layer_inputs
             # Positional arguments: a rematerialised layer keeps only positional ones static.
             computed = layer(hidden_states, self_mask, encoder_hidden_states, cross_mask, cross_key_value, layer_cache,
-                             past_length, layer_head_mask, cross_layer_head_mask, deterministic)
+                             past_length, ancestors, layer_head_mask, cross_layer_head_mask, deterministic)
             skipped = (hidden_states,) + tuple(
                 None if value is None else jnp.zeros_like(value) for value in computed[1:3]
             ) + (layer_cache,)
@@ -257,7 +265,8 @@ class BartDecoder(nn.Module):
                                    cross_weights if output_attentions else None, layer_cache)
 
         layer_inputs = [
-            (None if cross_key_values is None else cross_key_values[index], None if cache is None else cache[index],
+            (None if cross_key_values is None else cross_key_values[index],
+             None if cache is None else cache["layers"][index],
              _head_mask_row(head_mask, index), _head_mask_row(cross_attn_head_mask, index))
             for index in range(config.decoder_layers)
         ]
@@ -273,7 +282,7 @@ class BartDecoder(nn.Module):
             hidden_states=all_hidden_states if output_hidden_states else None,
             attentions=all_self_attentions if output_attentions else None,
             cross_attentions=all_cross_attentions if output_attentions and has_cross else None,
-            cache=None if cache is None else new_cache,
+            cache=None if cache is None else {"layers": new_cache, "ancestors": ancestors},
         )
 
 
@@ -397,7 +406,7 @@ class BartForConditionalGeneration(nn.Module):
                                  output_hidden_states, deterministic)
 
     def project_cross_key_values(self, encoder_hidden_states: Array) -> tuple[dict[str, Array], ...]:
-        """encoder_hidden_states [batch, source, d_model] -> per layer {"key","value"} [batch, source, heads, head_dim]."""
+        """encoder_hidden_states [batch, source, d_model] -> per layer {"key","value"} [batch, heads, source, head_dim]."""
         return self.model.decoder.project_cross_key_values(encoder_hidden_states)
 
     def decode_step(
@@ -411,7 +420,7 @@ class BartForConditionalGeneration(nn.Module):
         """One incremental decoder call over a static cache.
 
         decoder_input_ids [rows, length] written at positions cache_index.. cache_index+length-1;
-        cross_key_values per layer [batch, source, heads, head_dim] with rows = batch * beams;
+        cross_key_values per layer [batch, heads, source, head_dim] with rows = batch * beams;
         encoder_attention_mask [batch, source]. Returns (float32 logits [rows, length, vocab], new cache).
         """
         outputs = self.model.decode(

@@ -59,11 +59,15 @@ PRESETS = {
 
 # Logical axes of activations, as the modules annotate them.
 HIDDEN = ("activation_batch", "activation_length", "activation_embed")
-PER_HEAD = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+# Per-head activations and projected cross-attention keys/values: [batch, heads, length, head_dim].
+PER_HEAD = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
 MLP_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
 LOGITS = ("activation_batch", "activation_length", "activation_vocab")
-# Self-attention cache and projected cross-attention keys/values: [rows, length, heads, head_dim].
-CACHE = ("activation_batch", "cache_length", "activation_heads", "activation_kv")
+# Self-attention cache keys/values [batch, heads, beams, max_length, head_dim] and the cache's
+# ancestry table [batch, beams, max_length] (bart_jax/cache.py).
+CACHE = ("activation_batch", "activation_heads", None, "cache_length", "activation_kv")
+CACHE_ANCESTORS = ("activation_batch", None, "cache_length")
+_BY_RANK = {5: CACHE, 4: PER_HEAD, 3: CACHE_ANCESTORS}
 
 # Parameter path (its end, "/"-joined) -> logical axes; the first matching pattern wins. The
 # same table serves optimizer state and train states, whose leaves end with a parameter's path.
@@ -313,10 +317,11 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules = RULES, batch_axis: int = 
 
 
 def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = RULES) -> Any:
-    """Shardings of a KV cache (or of projected cross-attention keys/values): every leaf
-    [rows, length, heads, head_dim] has rows split like the batch and heads over "tensor"."""
+    """Shardings of a decoder cache (bart_jax/cache.py) or of projected cross-attention
+    keys/values: inputs split like the batch, heads over "tensor"."""
     return jax.tree_util.tree_map(
-        lambda leaf: NamedSharding(mesh, logical_to_spec(CACHE, leaf.shape, mesh, rules, indivisible="replicate")),
+        lambda leaf: NamedSharding(
+            mesh, logical_to_spec(_BY_RANK[len(leaf.shape)], leaf.shape, mesh, rules, indivisible="replicate")),
         cache,
     )
 
@@ -415,7 +420,7 @@ def jit_forward(module, mesh: Mesh, param_shardings: Any, rules: Rules = RULES, 
 def jit_decode_step(module, mesh: Mesh, param_shardings: Any, rules: Rules = RULES) -> Callable:
     """A jitted `decode_step(params, decoder_input_ids, cache, cache_index, cross_key_values,
     encoder_attention_mask) -> (logits, cache)` (see `BartForConditionalGeneration.decode_step`)
-    with the cache and cross-attention keys/values split by rows and heads; the cache is donated.
+    with the cache and cross-attention keys/values split by inputs and heads; the cache is donated.
     """
 
     def decode_step(params, decoder_input_ids, cache, cache_index, cross_key_values, encoder_attention_mask):
@@ -423,18 +428,22 @@ def jit_decode_step(module, mesh: Mesh, param_shardings: Any, rules: Rules = RUL
                             encoder_attention_mask, method="decode_step")
 
     rows = batch_sharding(mesh, rules)
-    heads = module.config.decoder_attention_heads
-    per_head = NamedSharding(mesh, logical_to_spec(CACHE, (0, 0, heads, 0), mesh, rules, indivisible="replicate"))
-    jitted = jit_sharded(
-        decode_step, mesh, rules,
-        in_shardings=(param_shardings, rows, per_head, replicated(mesh), per_head, rows),
-        out_shardings=(rows, per_head),
-        donate_argnums=(2,),
-    )
+    compiled = {}
 
     def checked(params, decoder_input_ids, cache, cache_index, cross_key_values, encoder_attention_mask):
         check_batch((decoder_input_ids, cache, cross_key_values, encoder_attention_mask), mesh, rules)
-        return jitted(params, decoder_input_ids, cache, cache_index, cross_key_values, encoder_attention_mask)
+        structure = jax.tree_util.tree_structure((cache, cross_key_values))
+        if structure not in compiled:
+            cache_sharding = cache_shardings(cache, mesh, rules)
+            compiled[structure] = jit_sharded(
+                decode_step, mesh, rules,
+                in_shardings=(param_shardings, rows, cache_sharding, replicated(mesh),
+                              cache_shardings(cross_key_values, mesh, rules), rows),
+                out_shardings=(rows, cache_sharding),
+                donate_argnums=(2,),
+            )
+        return compiled[structure](params, decoder_input_ids, cache, cache_index, cross_key_values,
+                                   encoder_attention_mask)
 
     return checked
 

@@ -187,10 +187,13 @@ def test_encode_and_decode_steps_equal_unsharded_with_a_split_cache():
     )
     assert_trees_close("encode/decode_step", expected, actual)
     heads, head_dim = CONFIG.decoder_attention_heads, CONFIG.d_model // CONFIG.decoder_attention_heads
-    expected_shard = (BATCH // 4, max_length, heads // 2, head_dim)  # rows over data x fsdp, heads over tensor
-    for name, array in (("cache", actual[3][0]["key"]), ("cross-attention keys", actual[1][0]["key"])):
-        shard = shard_shape(array)
-        assert shard[0] == expected_shard[0] and shard[2:] == expected_shard[2:], f"{name} shard {shard}"
+    # Inputs over data x fsdp, heads over tensor: cache [batch, heads, beams, max_length, head_dim],
+    # cross-attention keys [batch, heads, source, head_dim].
+    cache_shard = shard_shape(actual[3]["layers"][0]["key"])
+    assert cache_shard == (BATCH // 4, heads // 2, 1, max_length, head_dim), f"cache shard {cache_shard}"
+    cross_shard = shard_shape(actual[1][0]["key"])
+    assert (cross_shard[0], cross_shard[1], cross_shard[3]) == (BATCH // 4, heads // 2, head_dim), (
+        f"cross-attention keys shard {cross_shard}")
 
 
 # --- generation ---------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_incremental_decoding_equals_full_forward():
     variables = {"params": params}
     encoded = module.apply(variables, input_ids, attention_mask, method="encode")
     cross = module.apply(variables, encoded.last_hidden_state, method="project_cross_key_values")
-    cache = init_cache(module.config, decoder_ids.shape[0], length)
+    cache = init_cache(module.config, input_ids.shape[0], length, beams=beams)
     step = jax.jit(lambda ids, cache, index: module.apply(variables, ids, cache, index, cross, attention_mask,
                                                           method="decode_step"))
     for position in range(length):

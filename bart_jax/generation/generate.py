@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bart_jax.cache import init_cache
+from bart_jax.cache import init_cache, reorder_cache
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.search import SearchOutput, search
 
@@ -125,8 +125,8 @@ def generate_static(
         return logits[:, -1, :].astype(jnp.float32), cache
 
     beam_search = config.num_beams > 1
-    rows = batch * (config.num_beams if beam_search else config.num_return_sequences)
-    cache = init_cache(module.config, rows, config.max_length, module.dtype)
-    prompt_rows = batch if beam_search else rows
+    rows_per_input = config.num_beams if beam_search else config.num_return_sequences
+    cache = init_cache(module.config, batch, config.max_length, rows_per_input, module.dtype)
+    prompt_rows = batch if beam_search else batch * rows_per_input
     prompt_ids = jnp.full((prompt_rows, DECODER_PROMPT_LENGTH), config.decoder_start_token_id, jnp.int32)
-    return search(tokens_to_logits, cache, prompt_ids, config, prng_key)
+    return search(tokens_to_logits, cache, prompt_ids, config, prng_key, reorder_cache=reorder_cache)

@@ -6,8 +6,10 @@ as soon as every row is done. The model is seen only through
     tokens_to_logits(token_ids [rows, 1], cache, step) -> (scores [rows, vocab] float32, new_cache)
 
 where `step` (int32 scalar) is the position of `token_ids` in the sequence and `cache` is any
-pytree whose leaves have `rows` as their leading axis. The cache passed in must already hold
-every prompt token but the last (nothing, for a one-token decoder prompt).
+pytree the model needs. Beam search continues some rows' hypotheses in other rows with
+`reorder_cache(cache, row_indices [rows]) -> cache`; the default gathers every leaf along its
+leading (rows) axis, and a model with a cheaper scheme passes its own. The cache passed in must
+already hold every prompt token but the last (nothing, for a one-token decoder prompt).
 
 The semantics are transformers' `_sample` and `_beam_search` (vectorised beam search: 2 x beams
 candidates per step, finished hypotheses kept best first); the config must be resolved
@@ -28,6 +30,7 @@ from bart_jax.generation.logits_processors import LogitsProcessor, build_logits_
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any, Array], tuple[Array, Any]]
+ReorderCache = Callable[[Any, Array], Any]
 
 # transformers' stand-in for "impossible" in beam bookkeeping; kept identical so that ties
 # and sums round the same way.
@@ -158,8 +161,13 @@ class BeamState(NamedTuple):
     is_finished: Array  # [batch, beams] bool, slot holds a real hypothesis
     can_improve: Array  # [batch, 1] bool, running beams may still beat the finished ones
     all_candidates_stopped: Array  # [] bool, every candidate of the last step hit a stopping criterion
-    cache: Any  # leaves [batch * beams, ...]
+    cache: Any  # the model's cache for batch * beams rows
     cur_len: Array  # [] int32
+
+
+def gather_cache_rows(cache: Any, row_indices: Array) -> Any:
+    """Row r of every cache leaf [rows, ...] becomes row `row_indices[r]`."""
+    return jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, row_indices, axis=0, mode="clip"), cache)
 
 
 def beam_search(
@@ -169,10 +177,11 @@ def beam_search(
     config: GenerationConfig,
     prng_key: Optional[Array] = None,
     processor: Optional[LogitsProcessor] = None,
+    reorder_cache: ReorderCache = gather_cache_rows,
 ) -> SearchOutput:
     """Beam search (or beam sampling with `config.do_sample`), transformers' vectorised algorithm.
 
-    prompt_ids: [batch, prompt_length]; cache leaves: [batch * num_beams, ...] (beams inner).
+    prompt_ids: [batch, prompt_length]; cache: for batch * num_beams rows (beams inner).
     Processors see log-softmaxed scores. Returns the `num_return_sequences` best finished
     hypotheses per input, best first: sequences [batch * num_return_sequences, max_length],
     lengths and scores [batch * num_return_sequences].
@@ -248,7 +257,7 @@ def beam_search(
 
         # e. Keep the cache of the beams that run on.
         flat_rows = source_rows.reshape(batch * beams)  # [batch*beams]
-        cache = jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, flat_rows, axis=0), cache)
+        cache = reorder_cache(cache, flat_rows)
 
         # f. Can any running beam still beat the worst finished hypothesis? (transformers' heuristic)
         cur_len = cur_len + 1
@@ -290,12 +299,13 @@ def beam_search(
     )
 
 
-def search(tokens_to_logits, cache, prompt_ids, config, prng_key=None, processor=None) -> SearchOutput:
+def search(tokens_to_logits, cache, prompt_ids, config, prng_key=None, processor=None,
+           reorder_cache: ReorderCache = gather_cache_rows) -> SearchOutput:
     """Greedy search, sampling or beam search, as `config` (resolved) asks.
 
     Rows of `prompt_ids` and of the cache: [batch * num_return_sequences] for greedy search and
     sampling, prompt [batch] and cache [batch * num_beams] for beam search.
     """
     if config.num_beams > 1:
-        return beam_search(tokens_to_logits, cache, prompt_ids, config, prng_key, processor)
+        return beam_search(tokens_to_logits, cache, prompt_ids, config, prng_key, processor, reorder_cache)
     return sample_search(tokens_to_logits, cache, prompt_ids, config, prng_key, processor)
