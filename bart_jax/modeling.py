@@ -90,7 +90,43 @@ def _head_mask_row(head_mask: Optional[Array], index: int) -> Optional[Array]:
     return None if head_mask is None else head_mask[index]
 
 
-class BartEncoder(nn.Module):
+class LayerStackMixin:
+    """What the encoder and the decoder share: token embeddings (their own or the model's
+    shared table), learned positions, `layernorm_embedding` and the layer stack."""
+
+    def setup_stack(self, layer_class: type[nn.Module], num_layers: int) -> None:
+        config = self.config
+        if self.shared_embedding is None:
+            self.embed_tokens = token_embedding(config, self.dtype, self.param_dtype)
+        self.embed_positions = nn.Embed(
+            config.max_position_embeddings + POSITION_OFFSET, config.d_model,
+            embedding_init=nn.initializers.normal(config.init_std), dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        layer = remat_layer(layer_class, self.remat_policy, self.scan_layers)
+        if self.scan_layers:
+            self.layers = layer(config, self.dtype, self.param_dtype)
+        else:
+            self.layers = [layer(config, self.dtype, self.param_dtype) for _ in range(num_layers)]
+        self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+
+    @property
+    def token_embedding(self) -> nn.Embed:
+        return self.embed_tokens if self.shared_embedding is None else self.shared_embedding
+
+    def embed(self, input_ids: Optional[Array], inputs_embeds: Optional[Array], positions: Array,
+              deterministic: bool) -> Array:
+        """Token (scaled by sqrt(d_model) with scale_embedding) plus position embeddings, then
+        layernorm_embedding and dropout: [batch, length] ids -> [batch, length, d_model]."""
+        if inputs_embeds is None:
+            embed_scale = math.sqrt(self.config.d_model) if self.config.scale_embedding else 1.0
+            inputs_embeds = self.token_embedding(input_ids) * jnp.asarray(embed_scale, self.dtype)
+        hidden_states = inputs_embeds.astype(self.dtype) + self.embed_positions(positions + POSITION_OFFSET)[None]
+        hidden_states = self.layernorm_embedding(hidden_states)
+        return constrain(self.embedding_dropout(hidden_states, deterministic=deterministic), HIDDEN)
+
+
+class BartEncoder(LayerStackMixin, nn.Module):
     config: BartConfig
     shared_embedding: Optional[nn.Embed] = None  # None: the encoder owns `embed_tokens` (untied embeddings)
     dtype: Dtype = jnp.float32
@@ -99,24 +135,7 @@ class BartEncoder(nn.Module):
     remat_policy: str = "none"
 
     def setup(self):
-        config = self.config
-        if self.shared_embedding is None:
-            self.embed_tokens = token_embedding(config, self.dtype, self.param_dtype)
-        self.embed_positions = nn.Embed(
-            config.max_position_embeddings + POSITION_OFFSET, config.d_model,
-            embedding_init=nn.initializers.normal(config.init_std), dtype=self.dtype, param_dtype=self.param_dtype,
-        )
-        layer = remat_layer(BartEncoderLayer, self.remat_policy, self.scan_layers)
-        if self.scan_layers:
-            self.layers = layer(config, self.dtype, self.param_dtype)
-        else:
-            self.layers = [layer(config, self.dtype, self.param_dtype) for _ in range(config.encoder_layers)]
-        self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype)
-        self.embedding_dropout = nn.Dropout(config.dropout)
-
-    @property
-    def token_embedding(self) -> nn.Embed:
-        return self.embed_tokens if self.shared_embedding is None else self.shared_embedding
+        self.setup_stack(BartEncoderLayer, self.config.encoder_layers)
 
     def __call__(
         self,
@@ -131,13 +150,8 @@ class BartEncoder(nn.Module):
         """input_ids [batch, length] (or inputs_embeds [batch, length, d_model]); attention_mask
         [batch, length] 0/1; head_mask [encoder_layers, heads]."""
         config = self.config
-        if inputs_embeds is None:
-            embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-            inputs_embeds = self.token_embedding(input_ids) * jnp.asarray(embed_scale, self.dtype)
-        length = inputs_embeds.shape[1]
-        positions = self.embed_positions(jnp.arange(length) + POSITION_OFFSET)
-        hidden_states = self.layernorm_embedding(inputs_embeds.astype(self.dtype) + positions[None])
-        hidden_states = constrain(self.embedding_dropout(hidden_states, deterministic=deterministic), HIDDEN)
+        length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        hidden_states = self.embed(input_ids, inputs_embeds, jnp.arange(length), deterministic)
         mask = padding_mask(attention_mask)
 
         def step(layer, hidden_states, layer_head_mask):
@@ -161,7 +175,7 @@ class BartEncoder(nn.Module):
         )
 
 
-class BartDecoder(nn.Module):
+class BartDecoder(LayerStackMixin, nn.Module):
     config: BartConfig
     shared_embedding: Optional[nn.Embed] = None  # None: the decoder owns `embed_tokens` (BartForCausalLM)
     dtype: Dtype = jnp.float32
@@ -170,24 +184,7 @@ class BartDecoder(nn.Module):
     remat_policy: str = "none"
 
     def setup(self):
-        config = self.config
-        if self.shared_embedding is None:
-            self.embed_tokens = token_embedding(config, self.dtype, self.param_dtype)
-        self.embed_positions = nn.Embed(
-            config.max_position_embeddings + POSITION_OFFSET, config.d_model,
-            embedding_init=nn.initializers.normal(config.init_std), dtype=self.dtype, param_dtype=self.param_dtype,
-        )
-        layer = remat_layer(BartDecoderLayer, self.remat_policy, self.scan_layers)
-        if self.scan_layers:
-            self.layers = layer(config, self.dtype, self.param_dtype)
-        else:
-            self.layers = [layer(config, self.dtype, self.param_dtype) for _ in range(config.decoder_layers)]
-        self.layernorm_embedding = layer_norm(self.dtype, self.param_dtype)
-        self.embedding_dropout = nn.Dropout(config.dropout)
-
-    @property
-    def token_embedding(self) -> nn.Embed:
-        return self.embed_tokens if self.shared_embedding is None else self.shared_embedding
+        self.setup_stack(BartDecoderLayer, self.config.decoder_layers)
 
     def project_cross_key_values(self, encoder_hidden_states: Array) -> tuple[dict[str, Array], ...]:
         """Each layer's cross-attention keys/values, computed once per source.
@@ -227,15 +224,10 @@ class BartDecoder(nn.Module):
         `cache_index` and attend to every earlier cached position.
         """
         config = self.config
-        if inputs_embeds is None:
-            embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-            inputs_embeds = self.token_embedding(input_ids) * jnp.asarray(embed_scale, self.dtype)
-        length = inputs_embeds.shape[1]
+        length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         past_length = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
         query_positions = past_length + jnp.arange(length)
-        hidden_states = inputs_embeds.astype(self.dtype) + self.embed_positions(query_positions + POSITION_OFFSET)[None]
-        hidden_states = self.layernorm_embedding(hidden_states)
-        hidden_states = constrain(self.embedding_dropout(hidden_states, deterministic=deterministic), HIDDEN)
+        hidden_states = self.embed(input_ids, inputs_embeds, query_positions, deterministic)
 
         ancestors = None
         if cache is None:
@@ -286,14 +278,19 @@ class BartDecoder(nn.Module):
         )
 
 
-class BartModel(nn.Module):
-    """The bare encoder-decoder (transformers' `BartModel`): returns the decoder's last hidden state."""
+class BartModule(nn.Module):
+    """The attributes every BART module takes: the config, the computation and parameter
+    dtypes, and the compile-time/memory knobs (see bart_jax/layers.py)."""
 
     config: BartConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+
+
+class BartModel(BartModule):
+    """The bare encoder-decoder (transformers' `BartModel`): returns the decoder's last hidden state."""
 
     def setup(self):
         config = self.config
@@ -370,14 +367,8 @@ class BartModel(nn.Module):
         )
 
 
-class BartForConditionalGeneration(nn.Module):
+class BartForConditionalGeneration(BartModule):
     """BART with the language-modelling head (tied to the shared embedding) and `final_logits_bias`."""
-
-    config: BartConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
 
     def setup(self):
         config = self.config
@@ -479,14 +470,8 @@ class BartClassificationHead(nn.Module):
         return self.out_proj(hidden)
 
 
-class BartForSequenceClassification(nn.Module):
+class BartForSequenceClassification(BartModule):
     """Classifies from the decoder state at the last EOS of each row (transformers' pooling)."""
-
-    config: BartConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
 
     def setup(self):
         self.model = BartModel(self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
@@ -514,14 +499,8 @@ class BartForSequenceClassification(nn.Module):
         return outputs.replace(loss=loss, logits=logits, last_hidden_state=None)
 
 
-class BartForQuestionAnswering(nn.Module):
+class BartForQuestionAnswering(BartModule):
     """Span extraction: start/end logits over the decoder states."""
-
-    config: BartConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
 
     def setup(self):
         self.model = BartModel(self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
@@ -547,14 +526,8 @@ class BartForQuestionAnswering(nn.Module):
         return outputs.replace(loss=loss, start_logits=start_logits, end_logits=end_logits, last_hidden_state=None)
 
 
-class BartDecoderWrapper(nn.Module):
+class BartDecoderWrapper(BartModule):
     """Holds the decoder under `model/decoder`, the layout of transformers' BartForCausalLM."""
-
-    config: BartConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
 
     def setup(self):
         self.decoder = BartDecoder(self.config, None, self.dtype, self.param_dtype, self.scan_layers,
@@ -564,14 +537,8 @@ class BartDecoderWrapper(nn.Module):
         return self.decoder(*args, **kwargs)
 
 
-class BartForCausalLM(nn.Module):
+class BartForCausalLM(BartModule):
     """The decoder alone with an LM head tied to its own token embedding."""
-
-    config: BartConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
 
     def setup(self):
         config = self.config
