@@ -174,3 +174,14 @@ def test_persistent_compilation_cache_is_filled(model_dir, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert any(cache.iterdir()), "no executable was written to the persistent compilation cache"
+
+
+def test_warmup_compiles_ahead_into_the_persistent_cache(model_dir, tmp_path):
+    _, directory = model_dir
+    cache = tmp_path / "xla"
+    command = [sys.executable, "-m", "bart_jax", "warmup", "--model", str(directory), "--compilation-cache", str(cache),
+               "--batch-size", "2", "--lengths", "32", "--max-length", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "compiled 2 shapes" in result.stderr  # batch buckets 1 and 2, one length
+    assert any(cache.iterdir()), "warmup wrote nothing to the persistent compilation cache"
