@@ -8,7 +8,7 @@ A cache is {"layers": tuple over decoder layers of {"key", "value"}, "ancestors"
 `beams` is the number of rows per input (beams in beam search, returned sequences in
 sampling, 1 in greedy search); decoder rows are batch * beams, beams inner. Decoding writes
 each row's new keys/values into its own slot at `cache_index`, so shapes are static and the
-decode step compiles once. When beam search continues beam j in row i, nothing is copied:
+decode step compiles once. When beam search continues beam j in row i, no keys or values move:
 `reorder_cache` only moves the rows of `ancestors`, which records, for each row and position,
 the slot holding that position's keys/values. Heads come before beams and positions so that
 attention reads the cache without transposing it.
