@@ -90,6 +90,17 @@ def _head_mask_row(head_mask: Optional[Array], index: int) -> Optional[Array]:
     return None if head_mask is None else head_mask[index]
 
 
+class BartModule(nn.Module):
+    """The attributes every BART module takes: the config, the computation and parameter
+    dtypes, and the compile-time/memory knobs (see bart_jax/layers.py)."""
+
+    config: BartConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+
 class LayerStackMixin:
     """What the encoder and the decoder share: token embeddings (their own or the model's
     shared table), learned positions, `layernorm_embedding` and the layer stack."""
@@ -126,13 +137,8 @@ class LayerStackMixin:
         return constrain(self.embedding_dropout(hidden_states, deterministic=deterministic), HIDDEN)
 
 
-class BartEncoder(LayerStackMixin, nn.Module):
-    config: BartConfig
+class BartEncoder(LayerStackMixin, BartModule):
     shared_embedding: Optional[nn.Embed] = None  # None: the encoder owns `embed_tokens` (untied embeddings)
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
 
     def setup(self):
         self.setup_stack(BartEncoderLayer, self.config.encoder_layers)
@@ -175,13 +181,8 @@ class BartEncoder(LayerStackMixin, nn.Module):
         )
 
 
-class BartDecoder(LayerStackMixin, nn.Module):
-    config: BartConfig
+class BartDecoder(LayerStackMixin, BartModule):
     shared_embedding: Optional[nn.Embed] = None  # None: the decoder owns `embed_tokens` (BartForCausalLM)
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
 
     def setup(self):
         self.setup_stack(BartDecoderLayer, self.config.decoder_layers)
@@ -278,17 +279,6 @@ class BartDecoder(LayerStackMixin, nn.Module):
         )
 
 
-class BartModule(nn.Module):
-    """The attributes every BART module takes: the config, the computation and parameter
-    dtypes, and the compile-time/memory knobs (see bart_jax/layers.py)."""
-
-    config: BartConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat_policy: str = "none"
-
-
 class BartModel(BartModule):
     """The bare encoder-decoder (transformers' `BartModel`): returns the decoder's last hidden state."""
 
@@ -298,9 +288,10 @@ class BartModel(BartModule):
         # transformers 5 unties the encoder's and decoder's token embeddings from `shared` (and
         # from each other) when tie_word_embeddings is False; `shared` is then unused by the forward pass.
         tied = self.shared if config.tie_word_embeddings else None
-        stack = dict(scan_layers=self.scan_layers, remat_policy=self.remat_policy)
-        self.encoder = BartEncoder(config, tied, self.dtype, self.param_dtype, **stack)
-        self.decoder = BartDecoder(config, tied, self.dtype, self.param_dtype, **stack)
+        stack = dict(dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
+                     remat_policy=self.remat_policy, shared_embedding=tied)
+        self.encoder = BartEncoder(config, **stack)
+        self.decoder = BartDecoder(config, **stack)
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, head_mask=None,
                output_attentions=False, output_hidden_states=False, deterministic=True) -> EncoderOutput:
@@ -530,8 +521,7 @@ class BartDecoderWrapper(BartModule):
     """Holds the decoder under `model/decoder`, the layout of transformers' BartForCausalLM."""
 
     def setup(self):
-        self.decoder = BartDecoder(self.config, None, self.dtype, self.param_dtype, self.scan_layers,
-                                   self.remat_policy)
+        self.decoder = BartDecoder(self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
 
     def __call__(self, *args, **kwargs) -> DecoderOutput:
         return self.decoder(*args, **kwargs)
