@@ -149,17 +149,22 @@ def test_configs_dir_holds_exactly_the_presets():
     assert found == set(PRESETS), f"configs/ presets {sorted(found)} != expected {sorted(PRESETS)}"
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_config_loads_in_transformers_with_published_sizes(name):
-    config = transformers.BartConfig.from_pretrained(preset_dir(name))
-    expected = ARCHITECTURE[name]
-    actual = dict(
+def sizes(config) -> dict:
+    """The architecture numbers of a transformers or bart_jax config, as in ARCHITECTURE."""
+    return dict(
         vocab_size=config.vocab_size,
         d_model=config.d_model,
         layers=(config.encoder_layers, config.decoder_layers),
         heads=(config.encoder_attention_heads, config.decoder_attention_heads),
         ffn=(config.encoder_ffn_dim, config.decoder_ffn_dim),
     )
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_config_loads_in_transformers_with_published_sizes(name):
+    config = transformers.BartConfig.from_pretrained(preset_dir(name))
+    expected = ARCHITECTURE[name]
+    actual = sizes(config)
     assert actual == expected, f"{name}: transformers reads {actual}, published checkpoint is {expected}"
     assert config.model_type == "bart"
     assert config.max_position_embeddings == 1024
@@ -265,12 +270,6 @@ def test_round_trip_through_bart_jax_config(name):
 def test_bart_jax_config_reads_published_sizes(name):
     config = BartConfig.from_pretrained(preset_dir(name))
     expected = ARCHITECTURE[name]
-    actual = dict(
-        vocab_size=config.vocab_size,
-        d_model=config.d_model,
-        layers=(config.encoder_layers, config.decoder_layers),
-        heads=(config.encoder_attention_heads, config.decoder_attention_heads),
-        ffn=(config.encoder_ffn_dim, config.decoder_ffn_dim),
-    )
+    actual = sizes(config)
     assert actual == expected, f"{name}: bart_jax reads {actual}, published checkpoint is {expected}"
     assert dict(config.id2label) == LABELS[name]
