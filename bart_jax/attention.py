@@ -4,6 +4,11 @@ may have been projected once per source row.
 
 Masks are boolean (True = may attend) and broadcast to [batch, heads, query, key]. Scores,
 masking and softmax run in float32 whatever the compute dtype.
+
+Projected keys are kept transposed, [batch, heads, head_dim, key_length], and values as
+[batch, heads, key_length, head_dim]: each is then laid out as its matmul reads it (scores
+contract head_dim, the output contracts key positions), so the keys/values attended on every
+decoding step — the cache and the cross-attention keys/values — are never copied to transpose them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bart_jax.sharding import CACHE, PER_HEAD, constrain
+from bart_jax.sharding import KEYS, PER_HEAD, constrain
 
 Array = jax.Array
 Dtype = Any
@@ -51,10 +56,10 @@ def attention_weights(query: Array, key: Array, mask: Optional[Array]) -> Array:
     """Softmax attention probabilities in float32.
 
     query: [batch, heads, query_length, head_dim], already scaled by head_dim**-0.5.
-    key: [batch, heads, key_length, head_dim]. mask: broadcastable to [batch, heads, q, k].
+    key: [batch, heads, head_dim, key_length] (transposed). mask: broadcastable to [batch, heads, q, k].
     Returns [batch, heads, query_length, key_length].
     """
-    scores = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bhqd,bhdk->bhqk", query, key, preferred_element_type=jnp.float32)
     if mask is not None:
         # The most negative finite value (not -inf) keeps a fully masked row finite, as transformers' eager path.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -101,8 +106,11 @@ class BartAttention(nn.Module):
         return constrain(x.reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3), PER_HEAD)
 
     def project_key_value(self, states: Array) -> dict[str, Array]:
-        """states [batch, key_length, d_model] -> {"key", "value"}: [batch, heads, key_length, head_dim]."""
-        return {"key": self._split_heads(self.k_proj(states)), "value": self._split_heads(self.v_proj(states))}
+        """states [batch, key_length, d_model] -> {"key": [batch, heads, head_dim, key_length],
+        "value": [batch, heads, key_length, head_dim]}."""
+        batch, length = states.shape[:2]
+        key = self.k_proj(states).reshape(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 3, 1)
+        return {"key": constrain(key, KEYS), "value": self._split_heads(self.v_proj(states))}
 
     def __call__(
         self,
@@ -156,43 +164,51 @@ class BartAttention(nn.Module):
         return output, weights, None
 
     def _attend_cache(self, query, key_value, cache, cache_index, ancestors, mask, layer_head_mask, deterministic):
-        """Self-attention over the beam cache [batch, heads, beams, max_length, head_dim].
+        """Self-attention over the beam cache (bart_jax/cache.py).
 
-        Beam search never moves cached keys/values: position p of beam g lives in the slot of
-        beam `ancestors[b, g, p]` (the beam that computed it). Each query scores the keys of all
-        beams of its input (beams x the attention math, which is small) and keeps its
-        ancestors' — cheaper than gathering the whole cache every step.
-        query: [rows, heads, query_length, head_dim]; ancestors: [batch, beams, max_length].
+        Beam search never moves cached keys/values: position p of row g's hypothesis lives in
+        the slot of beam `ancestors[b, g, p]` (the beam that computed it). Each query scores the
+        slots of all beams of its input (beams x the attention math, which is small next to
+        reading the cache) and masks out those of other beams — cheaper than gathering the
+        whole cache every step. query: [rows, heads, query_length, head_dim].
         """
         rows, heads, query_length, head_dim = query.shape
-        batch, _, beams, max_length, _ = cache["key"].shape
+        batch, beams, max_length = ancestors.shape
 
-        def beam_layout(x):  # [rows, heads, t, d] -> [batch, heads, beams, t, d]
-            return x.reshape(batch, beams, heads, x.shape[2], x.shape[3]).transpose(0, 2, 1, 3, 4)
+        # New keys [rows, heads, head_dim, t] and values [rows, heads, t, head_dim], slot-ordered.
+        new_key = key_value["key"].reshape(batch, beams, heads, head_dim, query_length).transpose(0, 2, 3, 4, 1)
+        new_value = key_value["value"].reshape(batch, beams, heads, query_length, head_dim).transpose(0, 2, 3, 1, 4)
+        slot = cache_index * beams
+        key = lax.dynamic_update_slice(
+            cache["key"], new_key.reshape(batch, heads, head_dim, query_length * beams).astype(cache["key"].dtype),
+            (0, 0, 0, slot))
+        value = lax.dynamic_update_slice(
+            cache["value"], new_value.reshape(batch, heads, query_length * beams, head_dim).astype(cache["value"].dtype),
+            (0, 0, slot, 0))
+        new_cache = {"key": constrain(key, KEYS), "value": constrain(value, PER_HEAD)}
 
-        start = (0, 0, 0, cache_index, 0)
-        new_cache = {
-            name: constrain(
-                lax.dynamic_update_slice(cache[name], beam_layout(key_value[name]).astype(cache[name].dtype), start),
-                CACHE,
-            )
-            for name in ("key", "value")
-        }
-        key, value = new_cache["key"].astype(self.dtype), new_cache["value"].astype(self.dtype)
-        # [batch, 1, beams (query), 1, beams (slot), max_length]
-        owner = (ancestors[:, :, None, :] == jnp.arange(beams)[None, None, :, None])[:, None, :, None]
-        scores = jnp.einsum("bhgtd,bhkld->bhgtkl", beam_layout(query), key, preferred_element_type=jnp.float32)
-        scores = jnp.sum(jnp.where(owner, scores, 0.0), axis=4)  # [batch, heads, beams, t, max_length]
+        # Queries of an input's beams side by side: [batch, heads, beams * t, head_dim].
+        queries = query.reshape(batch, beams, heads, query_length, head_dim).transpose(0, 2, 1, 3, 4)
+        queries = queries.reshape(batch, heads, beams * query_length, head_dim)
+        scores = jnp.einsum("bhqd,bhdn->bhqn", queries, key.astype(self.dtype), preferred_element_type=jnp.float32)
+        scores = scores.reshape(batch, heads, beams, query_length, max_length, beams)
+        # owner[b, 0, g, 0, p, k]: slot (p, k) holds position p of row g's hypothesis.
+        owner = (ancestors[:, :, :, None] == jnp.arange(beams))[:, None, :, None]
         if mask is not None:
             mask = _beam_major(mask, batch, beams) if mask.shape[0] == rows else mask[:, :, None]
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1)
+            # The most negative finite value for masked positions, as `attention_weights`.
+            scores = jnp.where(mask[..., None], scores, jnp.finfo(jnp.float32).min)
+        # Other beams' slots weigh exactly nothing, even in a fully masked row.
+        scores = jnp.where(owner, scores, -jnp.inf)
+        weights = jax.nn.softmax(scores.reshape(batch, heads, beams * query_length, max_length * beams), axis=-1)
         if layer_head_mask is not None:
-            weights = weights * layer_head_mask[None, :, None, None, None].astype(weights.dtype)
+            weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
         dropped = self.attention_dropout(weights, deterministic=deterministic)
-        spread = jnp.where(owner, dropped[:, :, :, :, None, :], 0.0).astype(self.dtype)
-        output = jnp.einsum("bhgtkl,bhkld->bhgtd", spread, value)  # [batch, heads, beams, t, head_dim]
-        output = output.transpose(0, 2, 3, 1, 4).reshape(rows, query_length, self.embed_dim)
+        output = jnp.einsum("bhqn,bhnd->bhqd", dropped.astype(self.dtype), value.astype(self.dtype))
+        output = output.reshape(batch, heads, beams, query_length, head_dim).transpose(0, 2, 3, 1, 4)
+        output = output.reshape(rows, query_length, self.embed_dim)
+        # Per position, for callers that return attentions: [rows, heads, t, max_length].
+        weights = weights.reshape(batch, heads, beams, query_length, max_length, beams).sum(axis=-1)
         weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, heads, query_length, max_length)
         return self.out_proj(output), weights, new_cache
 

@@ -2,16 +2,22 @@
 
 A cache is {"layers": tuple over decoder layers of {"key", "value"}, "ancestors"}:
 
-    key, value  [batch, heads, beams, max_length, head_dim]
-    ancestors   [batch, beams, max_length] int32
+    key        [batch, heads, head_dim, max_length * beams]
+    value      [batch, heads, max_length * beams, head_dim]
+    ancestors  [batch, beams, max_length] int32
 
 `beams` is the number of rows per input (beams in beam search, returned sequences in
-sampling, 1 in greedy search); decoder rows are batch * beams, beams inner. Decoding writes
-each row's new keys/values into its own slot at `cache_index`, so shapes are static and the
-decode step compiles once. When beam search continues beam j in row i, no keys or values move:
-`reorder_cache` only moves the rows of `ancestors`, which records, for each row and position,
-the slot holding that position's keys/values. Heads come before beams and positions so that
-attention reads the cache without transposing it.
+sampling, 1 in greedy search); decoder rows are batch * beams, beams inner. The cache's slots
+are time-major: slot `position * beams + beam` holds what row `beam` computed at `position`.
+Decoding writes each step's keys/values as one contiguous block of slots at `cache_index`, so
+shapes are static and the decode step compiles once. When beam search continues beam j in row
+i, no keys or values move: `reorder_cache` only moves the rows of `ancestors`, which records,
+for each row and position, the beam whose slot holds that position's keys/values.
+
+The layout serves the attention matmuls as they run on every step: keys are stored transposed
+(head_dim before slots) because the scores contract head_dim, values are not because the output
+contracts slots, and heads lead so that (batch, heads) are the matmuls' batch dimensions. Each
+step then reads the cache as stored, with no transposed or regathered copy of it.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from bart_jax.config import BartConfig
 def cache_shapes(config: BartConfig, batch: int, max_length: int, beams: int = 1, dtype=jnp.float32):
     """The cache's structure as `jax.ShapeDtypeStruct`s, computed without allocating."""
     heads = config.decoder_attention_heads
-    layer = jax.ShapeDtypeStruct((batch, heads, beams, max_length, config.d_model // heads), jnp.dtype(dtype))
+    head_dim, slots = config.d_model // heads, max_length * beams
+    key = jax.ShapeDtypeStruct((batch, heads, head_dim, slots), jnp.dtype(dtype))
+    value = jax.ShapeDtypeStruct((batch, heads, slots, head_dim), jnp.dtype(dtype))
     return {
-        "layers": tuple({"key": layer, "value": layer} for _ in range(config.decoder_layers)),
+        "layers": tuple({"key": key, "value": value} for _ in range(config.decoder_layers)),
         "ancestors": jax.ShapeDtypeStruct((batch, beams, max_length), jnp.int32),
     }
 

@@ -59,15 +59,15 @@ PRESETS = {
 
 # Logical axes of activations, as the modules annotate them.
 HIDDEN = ("activation_batch", "activation_length", "activation_embed")
-# Per-head activations and projected cross-attention keys/values: [batch, heads, length, head_dim].
+# Per-head activations and attention values: [batch, heads, length, head_dim].
 PER_HEAD = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
+# Attention keys are kept transposed, [batch, heads, head_dim, length] (bart_jax/attention.py).
+KEYS = ("activation_batch", "activation_heads", "activation_kv", "activation_length")
 MLP_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
 LOGITS = ("activation_batch", "activation_length", "activation_vocab")
-# Self-attention cache keys/values [batch, heads, beams, max_length, head_dim] and the cache's
-# ancestry table [batch, beams, max_length] (bart_jax/cache.py).
-CACHE = ("activation_batch", "activation_heads", None, "cache_length", "activation_kv")
-CACHE_ANCESTORS = ("activation_batch", None, "cache_length")
-_BY_RANK = {5: CACHE, 4: PER_HEAD, 3: CACHE_ANCESTORS}
+# The self-attention cache's ancestry table [batch, beams, max_length] (bart_jax/cache.py); its
+# keys and values are KEYS and PER_HEAD with length = max_length * beams.
+CACHE_ANCESTORS = ("activation_batch", None, "activation_length")
 
 # Parameter path (its end, "/"-joined) -> logical axes; the first matching pattern wins. The
 # same table serves optimizer state and train states, whose leaves end with a parameter's path.
@@ -319,11 +319,14 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules = RULES, batch_axis: int = 
 def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = RULES) -> Any:
     """Shardings of a decoder cache (bart_jax/cache.py) or of projected cross-attention
     keys/values: inputs split like the batch, heads over "tensor"."""
-    return jax.tree_util.tree_map(
-        lambda leaf: NamedSharding(
-            mesh, logical_to_spec(_BY_RANK[len(leaf.shape)], leaf.shape, mesh, rules, indivisible="replicate")),
-        cache,
-    )
+    def leaf_sharding(path, leaf):
+        if len(leaf.shape) == 3:
+            axes = CACHE_ANCESTORS
+        else:
+            axes = KEYS if getattr(path[-1], "key", None) == "key" else PER_HEAD
+        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules, indivisible="replicate"))
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, cache)
 
 
 # --- activations ----------------------------------------------------------------------------------

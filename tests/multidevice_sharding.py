@@ -187,12 +187,14 @@ def test_encode_and_decode_steps_equal_unsharded_with_a_split_cache():
     )
     assert_trees_close("encode/decode_step", expected, actual)
     heads, head_dim = CONFIG.decoder_attention_heads, CONFIG.d_model // CONFIG.decoder_attention_heads
-    # Inputs over data x fsdp, heads over tensor: cache [batch, heads, beams, max_length, head_dim],
-    # cross-attention keys [batch, heads, source, head_dim].
+    # Inputs over data x fsdp, heads over tensor: cache keys [batch, heads, head_dim, max_length * beams],
+    # values [batch, heads, max_length * beams, head_dim]; cross-attention keys [batch, heads, head_dim, source].
     cache_shard = shard_shape(actual[3]["layers"][0]["key"])
-    assert cache_shard == (BATCH // 4, heads // 2, 1, max_length, head_dim), f"cache shard {cache_shard}"
+    assert cache_shard == (BATCH // 4, heads // 2, head_dim, max_length), f"cache key shard {cache_shard}"
+    cache_shard = shard_shape(actual[3]["layers"][0]["value"])
+    assert cache_shard == (BATCH // 4, heads // 2, max_length, head_dim), f"cache value shard {cache_shard}"
     cross_shard = shard_shape(actual[1][0]["key"])
-    assert (cross_shard[0], cross_shard[1], cross_shard[3]) == (BATCH // 4, heads // 2, head_dim), (
+    assert (cross_shard[0], cross_shard[1], cross_shard[2]) == (BATCH // 4, heads // 2, head_dim), (
         f"cross-attention keys shard {cross_shard}")
 
 

@@ -214,8 +214,8 @@ def test_rules_resolve_each_mesh_axis_once_per_array():
     spec = sharding.logical_to_spec
     assert spec(("embed", "joined_kv"), (8, 8), mesh) == PartitionSpec("fsdp", "tensor")
     assert spec(("layers", "mlp", "embed"), (3, 8, 8), mesh) == PartitionSpec(None, "tensor", "fsdp")
-    # Cache [batch, heads, beams, max_length, head_dim]: inputs over the data axes, heads over tensor.
-    assert spec(sharding.CACHE, (8, 4, 3, 5, 2), mesh) == PartitionSpec(("data", "fsdp"), "tensor", None, None, None)
+    # Attention keys [batch, heads, head_dim, length]: inputs over the data axes, heads over tensor.
+    assert spec(sharding.KEYS, (8, 4, 2, 15), mesh) == PartitionSpec(("data", "fsdp"), "tensor", None, None)
     # "tensor" already splits the heads, so the vocabulary axis stays whole.
     assert spec(("activation_heads", "activation_vocab"), (4, 8), mesh) == PartitionSpec("tensor", None)
     # Rules naming an axis the mesh lacks use the axes it has.
