@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bart_jax.linear import Linear
 from bart_jax.sharding import KEYS, PER_HEAD, constrain
 
 Array = jax.Array
@@ -82,12 +83,8 @@ class BartAttention(nn.Module):
 
     def setup(self):
         def dense():
-            return nn.Dense(
-                self.embed_dim,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.normal(self.init_std),
-            )
+            return Linear(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                          weight_init=nn.initializers.normal(self.init_std))
 
         self.q_proj = dense()
         self.k_proj = dense()

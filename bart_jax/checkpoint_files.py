@@ -6,7 +6,7 @@ Safetensors files are read with `safetensors.numpy`; torch is imported only for 
 
 A converted bart_jax directory holds `config.json`, the source's `generation_config.json` and
 tokenizer files, `params.safetensors` keyed by Flax paths joined with "/" (e.g.
-`model/encoder/layers_0/self_attn/q_proj/kernel`), and the marker `bart_jax.json`
+`model/encoder/layers_0/self_attn/q_proj/weight`), and the marker `bart_jax.json`
 ({"format_version", "head", "dtype"}).
 """
 
@@ -52,7 +52,8 @@ TOKENIZER_FILES = (
 
 CONVERTED_MARKER_NAME = "bart_jax.json"
 CONVERTED_PARAMS_NAME = "params.safetensors"
-CONVERTED_FORMAT_VERSION = 1
+# Version 2: linear weights [out, in] named `weight` (version 1: Flax `kernel` [in, out]).
+CONVERTED_FORMAT_VERSION = 2
 DTYPES = ("float32", "bfloat16")
 
 

@@ -1,10 +1,11 @@
 """Hugging Face BART state dicts <-> bart_jax parameter trees.
 
-The Flax tree mirrors transformers' module names, so the whole name map is a few rules:
+The Flax tree mirrors transformers' module names and layouts (linear weights [out, in], see
+bart_jax/linear.py), so the whole name map is a few rules and no tensor is transposed:
 
     Flax path                              Hugging Face key
     ...layers_3/...                        ...layers.3....
-    <linear>/kernel        [in, out]       <linear>.weight        [out, in]  (transposed)
+    <linear>/weight        [out, in]       <linear>.weight        [out, in]
     <layer norm>/scale     [d]             <layer norm>.weight    [d]
     <embedding>/embedding  [rows, d]       <embedding>.weight     [rows, d]
     .../bias                               ....bias
@@ -46,12 +47,12 @@ HEADS = (
     "BartForCausalLM",
 )
 
-# Flax leaf name -> (Hugging Face parameter name, stored transposed).
+# Flax leaf name -> Hugging Face parameter name.
 LEAF_RULES = {
-    "kernel": ("weight", True),
-    "scale": ("weight", False),
-    "embedding": ("weight", False),
-    "bias": ("bias", False),
+    "weight": "weight",
+    "scale": "weight",
+    "embedding": "weight",
+    "bias": "bias",
 }
 # Tensors with the same name in both formats.
 BUFFERS = ("final_logits_bias",)
@@ -82,7 +83,7 @@ class Conversion(NamedTuple):
 
 # --- shapes -----------------------------------------------------------------------------
 def _linear(n_in: int, n_out: int) -> dict:
-    return {"kernel": (n_in, n_out), "bias": (n_out,)}
+    return {"weight": (n_out, n_in), "bias": (n_out,)}
 
 
 def _layer_norm(d: int) -> dict:
@@ -153,7 +154,7 @@ def expected_flax_shapes(config: BartConfig, head: str) -> dict:
     if head == "BartForConditionalGeneration":
         tree["final_logits_bias"] = (1, vocab)
     if head in ("BartForConditionalGeneration", "BartForCausalLM") and not config.tie_word_embeddings:
-        tree["lm_head"] = {"kernel": (d, vocab)}
+        tree["lm_head"] = {"weight": (vocab, d)}
     if head == "BartForSequenceClassification":
         tree["classification_head"] = {"dense": _linear(d, d), "out_proj": _linear(d, config.num_labels)}
     if head == "BartForQuestionAnswering":
@@ -164,18 +165,10 @@ def expected_flax_shapes(config: BartConfig, head: str) -> dict:
 # --- names ------------------------------------------------------------------------------
 def hf_key(flax_path: tuple[str, ...]) -> str:
     """The Hugging Face state-dict key of a Flax parameter path, e.g.
-    ("model", "encoder", "layers_0", "fc1", "kernel") -> "model.encoder.layers.0.fc1.weight"."""
+    ("model", "encoder", "layers_0", "fc1", "weight") -> "model.encoder.layers.0.fc1.weight"."""
     *modules, leaf = flax_path
     names = [_FLAX_LAYER.sub(r"layers.\1", module) for module in modules]
-    return ".".join(names + [leaf if leaf in BUFFERS else LEAF_RULES[leaf][0]])
-
-
-def _is_transposed(flax_path: tuple[str, ...]) -> bool:
-    return LEAF_RULES.get(flax_path[-1], ("", False))[1]
-
-
-def _hf_shape(flax_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if _is_transposed(flax_path) else tuple(shape)
+    return ".".join(names + [leaf if leaf in BUFFERS else LEAF_RULES[leaf]])
 
 
 def _tied_embedding_keys(config: BartConfig, head: str) -> tuple[str, tuple[str, ...]]:
@@ -323,7 +316,7 @@ def convert_hf_state_dict(
     `{"classification_head": {...}}`); checkpoint values take precedence over it. A missing
     `final_logits_bias` starts at zero, as in transformers.
 
-    Returns the params (numpy arrays, checkpoint dtypes, kernels [in, out]), the checkpoint
+    Returns the params (numpy arrays, checkpoint dtypes), the checkpoint
     tensors the head does not use, and the paths filled from `head_params`. Raises ValueError
     for missing, unexpected or mis-shaped tensors, a vocab-size mismatch, or a tied alias that
     differs from the tensor it aliases.
@@ -347,11 +340,9 @@ def convert_hf_state_dict(
         if key in checkpoint:
             used.add(key)
             array = np.asarray(checkpoint[key])
-            if array.shape != _hf_shape(path, shape):
-                wrong_shape.append(
-                    f"{original.get(key, key)} (expected {_hf_shape(path, shape)}, found {array.shape})"
-                )
-            flat[path] = array.T if _is_transposed(path) else array
+            if array.shape != tuple(shape):
+                wrong_shape.append(f"{original.get(key, key)} (expected {tuple(shape)}, found {array.shape})")
+            flat[path] = array
         elif path in fillers:
             flat[path] = fillers[path]
             filled.append("/".join(path))
@@ -423,7 +414,7 @@ def flax_to_hf(params: Params, config: BartConfig, head: str) -> dict[str, np.nd
     check_params(params, config, head)
     flat = traverse_util.flatten_dict(params)
     return {
-        hf_key(path): np.ascontiguousarray(np.asarray(value).T if _is_transposed(path) else np.asarray(value))
+        hf_key(path): np.ascontiguousarray(np.asarray(value))
         for path, value in sorted(flat.items())
     }
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from bart_jax.activations import get_activation
 from bart_jax.attention import BartAttention
 from bart_jax.config import BartConfig
+from bart_jax.linear import Linear
 from bart_jax.sharding import HIDDEN, MLP_HIDDEN, constrain
 
 Array = jax.Array
@@ -41,8 +42,8 @@ class FeedForwardMixin:
 
     def setup_feed_forward(self, ffn_dim: int):
         init = nn.initializers.normal(self.config.init_std)
-        self.fc1 = nn.Dense(ffn_dim, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
-        self.fc2 = nn.Dense(self.config.d_model, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
+        self.fc1 = Linear(ffn_dim, dtype=self.dtype, param_dtype=self.param_dtype, weight_init=init)
+        self.fc2 = Linear(self.config.d_model, dtype=self.dtype, param_dtype=self.param_dtype, weight_init=init)
         self.activation_dropout = nn.Dropout(self.config.activation_dropout)
 
     def feed_forward(self, hidden_states: Array, deterministic: bool) -> Array:

@@ -1,8 +1,8 @@
 """BART's encoder, decoder and the five transformers heads as Flax linen modules.
 
-Parameters follow transformers' module names (`model/encoder/layers_0/self_attn/q_proj/kernel`
-for `model.encoder.layers.0.self_attn.q_proj.weight`), so that checkpoint conversion is a
-fixed table (bart_jax/conversion.py). Every module takes `dtype` (computation) and
+Parameters follow transformers' module names (`model/encoder/layers_0/self_attn/q_proj/weight`
+for `model.encoder.layers.0.self_attn.q_proj.weight`, weights [out, in] as in PyTorch), so that
+checkpoint conversion is a fixed table (bart_jax/conversion.py). Every module takes `dtype` (computation) and
 `param_dtype`; softmax, LayerNorm statistics and losses run in float32.
 
 Input ids are right-padded; positions are `past_length + arange(length)` (offset by 2 in the
@@ -28,6 +28,7 @@ from bart_jax import losses
 from bart_jax.attention import combine_masks, make_causal_mask, padding_mask
 from bart_jax.config import BartConfig
 from bart_jax.layers import BartDecoderLayer, BartEncoderLayer, layer_norm, remat_layer, run_layer_stack
+from bart_jax.linear import Linear
 from bart_jax.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqOutput
 from bart_jax.sharding import HIDDEN, LOGITS, constrain
 
@@ -368,10 +369,8 @@ class BartForConditionalGeneration(BartModule):
             "final_logits_bias", nn.initializers.zeros, (1, config.vocab_size), self.param_dtype
         )
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.normal(config.init_std),
-            )
+            self.lm_head = Linear(config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  weight_init=nn.initializers.normal(config.init_std))
 
     def lm_logits(self, hidden_states: Array) -> Array:
         """hidden_states [..., d_model] -> logits [..., vocab] in the compute dtype."""
@@ -449,8 +448,8 @@ class BartClassificationHead(nn.Module):
     def setup(self):
         config = self.config
         init = nn.initializers.normal(config.init_std)
-        self.dense = nn.Dense(config.d_model, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
-        self.out_proj = nn.Dense(config.num_labels, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
+        self.dense = Linear(config.d_model, dtype=self.dtype, param_dtype=self.param_dtype, weight_init=init)
+        self.out_proj = Linear(config.num_labels, dtype=self.dtype, param_dtype=self.param_dtype, weight_init=init)
         self.dropout = nn.Dropout(config.classifier_dropout)
 
     def __call__(self, pooled: Array, deterministic: bool = True) -> Array:
@@ -495,9 +494,8 @@ class BartForQuestionAnswering(BartModule):
 
     def setup(self):
         self.model = BartModel(self.config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
-        self.qa_outputs = nn.Dense(
-            2, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.normal(self.config.init_std)
-        )
+        self.qa_outputs = Linear(2, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 weight_init=nn.initializers.normal(self.config.init_std))
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                  head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
@@ -534,10 +532,8 @@ class BartForCausalLM(BartModule):
         config = self.config
         self.model = BartDecoderWrapper(config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Dense(
-                config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.normal(config.init_std),
-            )
+            self.lm_head = Linear(config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  weight_init=nn.initializers.normal(config.init_std))
 
     def __call__(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                  inputs_embeds=None, head_mask=None, cross_attn_head_mask=None, labels=None, cache=None,

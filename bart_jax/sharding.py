@@ -73,18 +73,19 @@ CACHE_ANCESTORS = ("activation_batch", None, "activation_length")
 # same table serves optimizer state and train states, whose leaves end with a parameter's path.
 # Stacked layers (scan_layers) add a leading "layers" axis.
 PARAM_AXES = (
-    (r"classification_head/(dense|out_proj)/kernel", ("embed", None)),
+    (r"classification_head/(dense|out_proj)/weight", (None, "embed")),
     (r"classification_head/(dense|out_proj)/bias", (None,)),
-    (r"qa_outputs/kernel", ("embed", None)),
+    (r"qa_outputs/weight", (None, "embed")),
     (r"qa_outputs/bias", (None,)),
-    (r"(q_proj|k_proj|v_proj)/kernel", ("embed", "joined_kv")),  # column-parallel
+    # Linear weights are [out, in] (bart_jax/linear.py).
+    (r"(q_proj|k_proj|v_proj)/weight", ("joined_kv", "embed")),  # column-parallel
     (r"(q_proj|k_proj|v_proj)/bias", ("joined_kv",)),
-    (r"out_proj/kernel", ("joined_kv", "embed")),  # row-parallel
-    (r"fc1/kernel", ("embed", "mlp")),  # column-parallel
+    (r"out_proj/weight", ("embed", "joined_kv")),  # row-parallel
+    (r"fc1/weight", ("mlp", "embed")),  # column-parallel
     (r"fc1/bias", ("mlp",)),
-    (r"fc2/kernel", ("mlp", "embed")),  # row-parallel
+    (r"fc2/weight", ("embed", "mlp")),  # row-parallel
     (r"(shared|embed_tokens)/embedding", ("vocab", "embed")),  # vocab-parallel
-    (r"lm_head/kernel", ("embed", "vocab")),
+    (r"lm_head/weight", ("vocab", "embed")),
     (r"final_logits_bias", (None, "vocab")),
     (r"embed_positions/embedding", ("positions", "embed")),
     (r"(out_proj|fc2)/bias", ("embed",)),

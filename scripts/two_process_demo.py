@@ -76,7 +76,7 @@ def run_everything(module, params, batch, forward, train_step, state, generate):
     for step in range(2):
         state, metrics = train_step(state, batch, jax.random.PRNGKey(step))
         results[f"loss_{step}"] = metrics["loss"]
-    results["trained_fc1"] = state[0]["model"]["decoder"]["layers_1"]["fc1"]["kernel"]
+    results["trained_fc1"] = state[0]["model"]["decoder"]["layers_1"]["fc1"]["weight"]
     results["generated"] = generate(params, batch["input_ids"], batch["attention_mask"]).sequences
     return results
 

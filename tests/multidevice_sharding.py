@@ -97,11 +97,11 @@ def test_parameters_are_split_as_the_preset_says(preset):
     layer = placed["model"]["encoder"]["layers_0"]
     d, ffn, vocab = CONFIG.d_model, CONFIG.encoder_ffn_dim, CONFIG.vocab_size
     expected = {
-        "q_proj kernel (column-parallel)": (layer["self_attn"]["q_proj"]["kernel"], (d // fsdp, d // tensor)),
+        "q_proj weight (column-parallel)": (layer["self_attn"]["q_proj"]["weight"], (d // tensor, d // fsdp)),
         "q_proj bias": (layer["self_attn"]["q_proj"]["bias"], (d // tensor,)),
-        "out_proj kernel (row-parallel)": (layer["self_attn"]["out_proj"]["kernel"], (d // tensor, d // fsdp)),
-        "fc1 kernel (column-parallel)": (layer["fc1"]["kernel"], (d // fsdp, ffn // tensor)),
-        "fc2 kernel (row-parallel)": (layer["fc2"]["kernel"], (ffn // tensor, d // fsdp)),
+        "out_proj weight (row-parallel)": (layer["self_attn"]["out_proj"]["weight"], (d // fsdp, d // tensor)),
+        "fc1 weight (column-parallel)": (layer["fc1"]["weight"], (ffn // tensor, d // fsdp)),
+        "fc2 weight (row-parallel)": (layer["fc2"]["weight"], (d // fsdp, ffn // tensor)),
         "embedding (vocab-parallel)": (placed["model"]["shared"]["embedding"], (vocab // tensor, d // fsdp)),
         "final_logits_bias": (placed["final_logits_bias"], (1, vocab // tensor)),
         "layer norm": (layer["final_layer_norm"]["scale"], (d // fsdp,)),
@@ -274,11 +274,11 @@ def test_train_steps_equal_unsharded(preset):
         assert_trees_close(f"{preset} metrics of step {index + 1}", expected_metrics, metrics)
     # The optimizer state is split like the parameters it tracks (ZeRO-3 under fsdp).
     mu = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(final.opt_state)[0]
-          if sharding.path_name(path).endswith("mu/model/encoder/layers_0/fc1/kernel")]
-    kernel = final.params["model"]["encoder"]["layers_0"]["fc1"]["kernel"]
+          if sharding.path_name(path).endswith("mu/model/encoder/layers_0/fc1/weight")]
+    kernel = final.params["model"]["encoder"]["layers_0"]["fc1"]["weight"]
     assert mu and mu[0].sharding.spec == kernel.sharding.spec, f"{preset}: AdamW mu is not split like its parameter"
     assert kernel.sharding.spec == sharded_step.state_shardings.params["model"]["encoder"]["layers_0"]["fc1"][
-        "kernel"].spec, "the new state left its sharding"
+        "weight"].spec, "the new state left its sharding"
 
 
 # --- scan over layers, remat ---------------------------------------------------------------------------
@@ -286,8 +286,8 @@ def test_scanned_rematerialised_model_trains_like_the_unrolled_one_when_sharded(
     mesh = sharding.preset_mesh("data+fsdp+tensor")
     scanned, stacked = model(scan_layers=True, remat_policy="full")
     shardings = sharding.tree_shardings(stacked, mesh)
-    kernel = shardings["model"]["encoder"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert kernel.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), kernel.spec
+    kernel = shardings["model"]["encoder"]["layers"]["self_attn"]["q_proj"]["weight"]
+    assert kernel.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp"), kernel.spec
     forward = sharding.jit_forward(scanned, mesh, shardings, output_hidden_states=True)
     assert_trees_close("scanned forward", reference_forward(), forward(sharding.shard_params(stacked, mesh),
                                                                        make_batch()))
@@ -308,8 +308,8 @@ def test_load_pretrained_places_parameters_on_the_mesh(tmp_path):
     save_converted(params, CONFIG, "BartForConditionalGeneration", tmp_path)
     mesh = sharding.preset_mesh("fsdp+tensor")
     loaded = load_pretrained(tmp_path, mesh=mesh)
-    kernel = loaded.params["model"]["decoder"]["layers_1"]["fc2"]["kernel"]
-    assert shard_shape(kernel) == (64 // 2, 32 // 4), f"fc2 kernel shard {shard_shape(kernel)}"
+    kernel = loaded.params["model"]["decoder"]["layers_1"]["fc2"]["weight"]
+    assert shard_shape(kernel) == (32 // 4, 64 // 2), f"fc2 weight shard {shard_shape(kernel)}"
     assert_trees_close("loaded params", params, loaded.params, atol=0)
     batch = make_batch()
     actual = loaded(**batch, output_hidden_states=True)
@@ -327,7 +327,7 @@ def test_a_mesh_that_does_not_divide_a_dimension_is_an_error_or_replicates_it_wh
     assert "final_logits_bias" in str(error.value), "every indivisible parameter should be named"
     placed = sharding.shard_params(params, mesh, indivisible="replicate")
     assert shard_shape(placed["model"]["shared"]["embedding"]) == (99, CONFIG.d_model)
-    assert shard_shape(placed["model"]["encoder"]["layers_0"]["fc1"]["kernel"]) == (CONFIG.d_model, 64 // 8)
+    assert shard_shape(placed["model"]["encoder"]["layers_0"]["fc1"]["weight"]) == (64 // 8, CONFIG.d_model)
     batch = make_batch()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     expected = jax.jit(lambda p, b: module.apply({"params": p}, **b, method="encode"))(params, inputs)

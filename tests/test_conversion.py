@@ -129,7 +129,7 @@ def test_converted_directory_round_trip_keeps_params_and_head(converted, tmp_pat
     assert loaded_config.replace(extra=()) == config.replace(extra=())
     assert_same_tensors(traverse_util.flatten_dict(loaded_params, sep="/"),
                         traverse_util.flatten_dict(params, sep="/"), "load_converted")
-    assert "model/encoder/layers_0/self_attn/q_proj/kernel" in traverse_util.flatten_dict(loaded_params, sep="/")
+    assert "model/encoder/layers_0/self_attn/q_proj/weight" in traverse_util.flatten_dict(loaded_params, sep="/")
 
 
 # --- source formats -------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_untied_embeddings_stay_separate_both_ways(head, tmp_path):
     params = conversion.hf_to_flax(checkpoint_files.load_hf_state_dict(directory), config, head)
     paths = set(traverse_util.flatten_dict(params, sep="/"))
     if head != "BartModel":
-        assert "lm_head/kernel" in paths
+        assert "lm_head/weight" in paths
     if head != "BartForCausalLM":
         prefix = "" if head == "BartModel" else "model/"
         assert {f"{prefix}encoder/embed_tokens/embedding", f"{prefix}decoder/embed_tokens/embedding"} <= paths
@@ -386,12 +386,12 @@ def test_flax_to_hf_names_bad_params(converted):
     flat = dict(traverse_util.flatten_dict(params, sep="/"))
     ffn, d = config.decoder_ffn_dim, config.d_model
     del flat["model/decoder/layers_1/fc2/bias"]
-    flat["model/decoder/layers_0/fc1/kernel"] = np.zeros((ffn, d), np.float32)
-    flat["model/pooler/kernel"] = np.zeros((d, d), np.float32)
+    flat["model/decoder/layers_0/fc1/weight"] = np.zeros((d, ffn), np.float32)
+    flat["model/pooler/weight"] = np.zeros((d, d), np.float32)
     with pytest.raises(ValueError) as error:
         conversion.flax_to_hf(traverse_util.unflatten_dict(flat, sep="/"), config, SEQ2SEQ_LM)
-    for fragment in ("missing model/decoder/layers_1/fc2/bias", "unexpected model/pooler/kernel",
-                     f"model/decoder/layers_0/fc1/kernel (expected ({d}, {ffn}), found ({ffn}, {d}))"):
+    for fragment in ("missing model/decoder/layers_1/fc2/bias", "unexpected model/pooler/weight",
+                     f"model/decoder/layers_0/fc1/weight (expected ({ffn}, {d}), found ({d}, {ffn}))"):
         assert fragment in str(error.value)
 
 

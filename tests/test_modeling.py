@@ -240,7 +240,7 @@ def test_head_mask_of_ones_changes_nothing():
     ("cross_attn_head_mask", ("decoder", "layers_1", "encoder_attn")),
 ])
 def test_head_mask_equals_removing_the_head(mask_name, attention_path):
-    """Masking head h of a layer is the same as zeroing its input rows of that layer's out_proj."""
+    """Masking head h of a layer is the same as zeroing its input columns of that layer's out_proj."""
     _, config, module, params = converted("BartModel", "gelu")
     input_ids, attention_mask = random_batch(config.vocab_size, seed=11)
     inputs = dict(input_ids=jnp.asarray(input_ids), attention_mask=jnp.asarray(attention_mask))
@@ -252,10 +252,10 @@ def test_head_mask_equals_removing_the_head(mask_name, attention_path):
     masked = module.apply({"params": params}, **inputs, **{mask_name: jnp.asarray(mask)}, output_attentions=True)
 
     pruned = jax.tree_util.tree_map(np.array, params)
-    kernel = pruned
+    out_proj = pruned
     for key in attention_path + ("out_proj",):
-        kernel = kernel[key]
-    kernel["kernel"][head * head_dim:(head + 1) * head_dim] = 0.0
+        out_proj = out_proj[key]
+    out_proj["weight"][:, head * head_dim:(head + 1) * head_dim] = 0.0  # [out, in]: the head's input columns
     expected = module.apply({"params": pruned}, **inputs)
     np.testing.assert_allclose(np.asarray(masked.last_hidden_state), np.asarray(expected.last_hidden_state),
                                atol=1e-5, err_msg=f"{mask_name} did not silence head {head} of layer {layer}")

@@ -185,8 +185,8 @@ def test_stacked_layers_convert_both_ways():
     state = {key: value.detach().numpy() for key, value in model.state_dict().items()}
     unrolled = conversion.hf_to_flax(state, config, "BartForConditionalGeneration")
     stacked = conversion.hf_to_flax(state, config, "BartForConditionalGeneration", scan_layers=True)
-    kernel = stacked["model"]["encoder"]["layers"]["fc1"]["kernel"]
-    assert kernel.shape == (config.encoder_layers, config.d_model, config.encoder_ffn_dim), kernel.shape
+    kernel = stacked["model"]["encoder"]["layers"]["fc1"]["weight"]
+    assert kernel.shape == (config.encoder_layers, config.encoder_ffn_dim, config.d_model), kernel.shape
     assert "layers_0" not in stacked["model"]["decoder"]
     assert_trees_close("unstack(stack(params))", unrolled, conversion.unstack_layers(stacked), atol=0)
     assert_trees_close("stack twice", stacked, conversion.stack_layers(stacked), atol=0)

@@ -188,11 +188,11 @@ def test_collate_pads_to_static_shapes():
 # --- optimizer ---------------------------------------------------------------------------------
 def test_weight_decay_skips_biases_and_layer_norms_and_final_logits_bias_is_frozen():
     params = {"final_logits_bias": jnp.ones((1, 4)),
-              "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "layer_norm": {"scale": jnp.ones(2)}}
+              "dense": {"weight": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "layer_norm": {"scale": jnp.ones(2)}}
     optimizer = make_optimizer(params, optax.constant_schedule(0.1), weight_decay=0.5)
     grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    np.testing.assert_allclose(updates["dense"]["weight"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
     for name, update in (("bias", updates["dense"]["bias"]), ("scale", updates["layer_norm"]["scale"])):
         np.testing.assert_array_equal(update, 0.0, err_msg=f"{name} must not be decayed")
     grads = jax.tree.map(jnp.ones_like, params)
