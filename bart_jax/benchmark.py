@@ -140,27 +140,35 @@ class BartJaxSystem:
         module = self.model.module
         self._encode = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask, method="encode")
                                .last_hidden_state)
-        optimizer = optax.adamw(1e-4)
+        self._optax, self.train_state = optax, None
 
-        def train_step(params, opt_state, ids, mask, labels):
-            def loss_fn(p):
-                return module.apply({"params": p}, ids, mask, labels=labels).loss
+    def _train_step(self):
+        """The jitted AdamW step; its parameter copy and optimizer state are made on first use,
+        so that they do not count in the peak memory of the other workloads."""
+        if self.train_state is None:
+            jax, jnp, optax, module = self.jax, self.jnp, self._optax, self.model.module
+            optimizer = optax.adamw(1e-4)
 
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+            def train_step(params, opt_state, ids, mask, labels):
+                def loss_fn(p):
+                    return module.apply({"params": p}, ids, mask, labels=labels).loss
 
-        self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
-        self.train_params = jax.tree_util.tree_map(jnp.array, self.model.params)
-        self.opt_state = optimizer.init(self.train_params)
+                loss, grads = jax.value_and_grad(loss_fn)(params)
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
+
+            params = jax.tree_util.tree_map(jnp.array, self.model.params)
+            self.train_state = (jax.jit(train_step, donate_argnums=(0, 1)), params, optimizer.init(params))
+        return self.train_state
 
     def run(self, workload: str):
         jax = self.jax
         if workload == "W3":
             return jax.block_until_ready(self._encode(self.model.params, self.input_ids, self.mask)), None
         if workload == "W4":
-            self.train_params, self.opt_state, loss = self._train_step(
-                self.train_params, self.opt_state, self.input_ids, self.mask, self.labels)
+            step, params, opt_state = self._train_step()
+            params, opt_state, loss = step(params, opt_state, self.input_ids, self.mask, self.labels)
+            self.train_state = (step, params, opt_state)
             return jax.block_until_ready(loss), None
         config = self._resolve(self.model.module, self.model.generation_config,
                                **generation_options(workload, self.setup))
@@ -180,17 +188,21 @@ class TorchSystem:
         self.input_ids = torch.as_tensor(source_ids(setup, vocab))
         self.mask = torch.ones_like(self.input_ids)
         self.labels = torch.as_tensor(target_ids(setup, vocab))
-        self.train_model = transformers.BartForConditionalGeneration.from_pretrained(setup.model_dir).train()
-        self.train_model.config.dropout = 0.0
-        self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=1e-4)
+        self.transformers, self.training = transformers, None
         self.encoder = self.model.get_encoder()
         self.compiled = compiled
         if compiled:
             self.encoder = torch.compile(self.encoder)
             self.model.forward = torch.compile(self.model.forward, dynamic=True)
-            self.train_forward = torch.compile(self.train_model.forward)
-        else:
-            self.train_forward = self.train_model.forward
+
+    def _training(self):
+        """(forward, optimizer) of a training copy, made on first use (see BartJaxSystem._train_step)."""
+        if self.training is None:
+            model = self.transformers.BartForConditionalGeneration.from_pretrained(self.setup.model_dir).train()
+            model.config.dropout = 0.0
+            forward = self.torch.compile(model.forward) if self.compiled else model.forward
+            self.training = (forward, self.torch.optim.AdamW(model.parameters(), lr=1e-4))
+        return self.training
 
     def run(self, workload: str):
         torch = self.torch
@@ -198,10 +210,11 @@ class TorchSystem:
             with torch.no_grad():
                 return self.encoder(input_ids=self.input_ids, attention_mask=self.mask).last_hidden_state, None
         if workload == "W4":
-            self.optimizer.zero_grad()
-            loss = self.train_forward(input_ids=self.input_ids, attention_mask=self.mask, labels=self.labels).loss
+            forward, optimizer = self._training()
+            optimizer.zero_grad()
+            loss = forward(input_ids=self.input_ids, attention_mask=self.mask, labels=self.labels).loss
             loss.backward()
-            self.optimizer.step()
+            optimizer.step()
             return loss, None
         with torch.no_grad():
             ids = self.model.generate(self.input_ids, attention_mask=self.mask,
