@@ -26,6 +26,11 @@ from bart_jax.sharding import KEYS, PER_HEAD, constrain
 Array = jax.Array
 Dtype = Any
 
+# Decoding reads the cache in chunks of at least CACHE_CHUNK positions, with at most
+# MAX_CACHE_BRANCHES prefix lengths compiled (see `BartAttention._attend_cache`).
+CACHE_CHUNK = 16
+MAX_CACHE_BRANCHES = 10
+
 
 def make_causal_mask(query_positions: Array, key_length: int) -> Array:
     """[1, 1, query, key] mask: query position p may attend to keys 0..p.
@@ -167,7 +172,8 @@ class BartAttention(nn.Module):
         the slot of beam `ancestors[b, g, p]` (the beam that computed it). Each query scores the
         slots of all beams of its input (beams x the attention math, which is small next to
         reading the cache) and masks out those of other beams — cheaper than gathering the
-        whole cache every step. query: [rows, heads, query_length, head_dim].
+        whole cache every step. Only the written positions are read, rounded up to a chunk of
+        the cache. query: [rows, heads, query_length, head_dim].
         """
         rows, heads, query_length, head_dim = query.shape
         batch, beams, max_length = ancestors.shape
@@ -187,25 +193,44 @@ class BartAttention(nn.Module):
         # Queries of an input's beams side by side: [batch, heads, beams * t, head_dim].
         queries = query.reshape(batch, beams, heads, query_length, head_dim).transpose(0, 2, 1, 3, 4)
         queries = queries.reshape(batch, heads, beams * query_length, head_dim)
-        scores = jnp.einsum("bhqd,bhdn->bhqn", queries, key.astype(self.dtype), preferred_element_type=jnp.float32)
-        scores = scores.reshape(batch, heads, beams, query_length, max_length, beams)
-        # owner[b, 0, g, 0, p, k]: slot (p, k) holds position p of row g's hypothesis.
-        owner = (ancestors[:, :, :, None] == jnp.arange(beams))[:, None, :, None]
         if mask is not None:
             mask = _beam_major(mask, batch, beams) if mask.shape[0] == rows else mask[:, :, None]
-            # The most negative finite value for masked positions, as `attention_weights`.
-            scores = jnp.where(mask[..., None], scores, jnp.finfo(jnp.float32).min)
-        # Other beams' slots weigh exactly nothing, even in a fully masked row.
-        scores = jnp.where(owner, scores, -jnp.inf)
-        weights = jax.nn.softmax(scores.reshape(batch, heads, beams * query_length, max_length * beams), axis=-1)
-        if layer_head_mask is not None:
-            weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
-        dropped = self.attention_dropout(weights, deterministic=deterministic)
-        output = jnp.einsum("bhqn,bhnd->bhqd", dropped.astype(self.dtype), value.astype(self.dtype))
+        written = cache_index + query_length
+
+        def attend(length, dropout):
+            """Attention over cache positions [0, length): -> (output [batch, heads, beams * t, head_dim],
+            weights [batch, heads, beams, t, max_length])."""
+            slots = length * beams
+            scores = jnp.einsum("bhqd,bhdn->bhqn", queries, key[..., :slots].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+            scores = scores.reshape(batch, heads, beams, query_length, length, beams)
+            if mask is not None:
+                # The most negative finite value for masked positions, as `attention_weights`.
+                scores = jnp.where(mask[..., :length, None], scores, jnp.finfo(jnp.float32).min)
+            # Slots of other beams, and positions not written yet (absent from transformers'
+            # cache), weigh exactly nothing, even in a fully masked row.
+            owner = (ancestors[:, :, :length, None] == jnp.arange(beams)) & (jnp.arange(length) < written)[:, None]
+            scores = jnp.where(owner[:, None, :, None], scores, -jnp.inf)
+            weights = jax.nn.softmax(scores.reshape(batch, heads, beams * query_length, slots), axis=-1)
+            if layer_head_mask is not None:
+                weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
+            output = jnp.einsum("bhqn,bhnd->bhqd", dropout(weights).astype(self.dtype),
+                                value[:, :, :slots].astype(self.dtype))
+            weights = weights.reshape(batch, heads, beams, query_length, length, beams).sum(axis=-1)
+            return output, jnp.pad(weights, [(0, 0)] * 4 + [(0, max_length - length)])
+
+        if deterministic or self.dropout == 0.0:
+            # Read only the written part of the cache, rounded up to a chunk: one branch per
+            # chunk count (static shapes), on average half the cache read per step.
+            chunk = max(CACHE_CHUNK, -(-max_length // MAX_CACHE_BRANCHES))
+            lengths = [min(end, max_length) for end in range(chunk, max_length + chunk, chunk)]
+            branch = jnp.clip((written - 1) // chunk, 0, len(lengths) - 1)
+            output, weights = lax.switch(branch, [lambda n=n: attend(n, lambda w: w) for n in lengths])
+        else:
+            output, weights = attend(max_length, lambda w: self.attention_dropout(w, deterministic=False))
         output = output.reshape(batch, heads, beams, query_length, head_dim).transpose(0, 2, 3, 1, 4)
         output = output.reshape(rows, query_length, self.embed_dim)
         # Per position, for callers that return attentions: [rows, heads, t, max_length].
-        weights = weights.reshape(batch, heads, beams, query_length, max_length, beams).sum(axis=-1)
         weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, heads, query_length, max_length)
         return self.out_proj(output), weights, new_cache
 

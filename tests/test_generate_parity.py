@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from bart_jax.attention import CACHE_CHUNK
 from bart_jax.cache import init_cache
 from bart_jax.config import BartConfig
 from bart_jax.conversion import hf_to_flax
@@ -177,12 +178,15 @@ def test_beam_sampling_scores_are_the_model_log_probabilities():
         assert abs(scores[row] - expected) < 1e-3, f"row {row}: score {scores[row]}, recomputed {expected}"
 
 
-def test_incremental_decoding_equals_full_forward():
-    """decode_step token by token over the cache (two beams per input sharing the input's
-    cross-attention keys/values) gives the logits of one full forward pass at every step."""
+@pytest.mark.parametrize("tokens_per_call", [1, 3])
+def test_incremental_decoding_equals_full_forward(tokens_per_call):
+    """decode_step over the cache (two beams per input sharing the input's cross-attention
+    keys/values), one token or several per call, gives the logits of one full forward pass at
+    every position. 40 positions span three of the cache's read chunks (attention.CACHE_CHUNK)."""
     _, module, params = models()
     input_ids, attention_mask = inputs()
-    beams, length = 2, 9
+    beams, length = 2, 40
+    assert length > 2 * CACHE_CHUNK
     decoder_ids = np.random.default_rng(0).integers(3, VOCAB, (input_ids.shape[0] * beams, length))
     decoder_ids[:, 0] = EOS
     rows = np.repeat(np.arange(input_ids.shape[0]), beams)
@@ -195,11 +199,11 @@ def test_incremental_decoding_equals_full_forward():
     cache = init_cache(module.config, input_ids.shape[0], length, beams=beams)
     step = jax.jit(lambda ids, cache, index: module.apply(variables, ids, cache, index, cross, attention_mask,
                                                           method="decode_step"))
-    for position in range(length):
-        logits, cache = step(decoder_ids[:, position:position + 1], cache, jnp.int32(position))
+    for start in range(0, length - tokens_per_call + 1, tokens_per_call):
+        logits, cache = step(decoder_ids[:, start:start + tokens_per_call], cache, jnp.int32(start))
         # Logits are O(10) with these weights; a cache bug would be off by O(1).
-        np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, position]), atol=1e-3,
-                                   err_msg=f"step {position}")
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, start:start + tokens_per_call]),
+                                   atol=1e-3, err_msg=f"positions {start}..{start + tokens_per_call - 1}")
 
 
 def test_generate_compiles_once_per_shapes_and_options():
