@@ -65,7 +65,7 @@ def attention_weights(query: Array, key: Array, mask: Optional[Array]) -> Array:
     key: [batch, heads, head_dim, key_length] (transposed). mask: broadcastable to [batch, heads, q, k].
     Returns [batch, heads, query_length, key_length].
     """
-    scores = jnp.einsum("bhqd,bhdk->bhqk", query, key, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bhqd,bhdk->bhqk", query, key.astype(query.dtype), preferred_element_type=jnp.float32)
     if mask is not None:
         # The most negative finite value (not -inf) keeps a fully masked row finite, as transformers' eager path.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -156,7 +156,8 @@ class BartAttention(nn.Module):
         if layer_head_mask is not None:
             weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
         dropped = self.attention_dropout(weights, deterministic=deterministic)
-        output = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), value)
+        output = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), value.astype(self.dtype),
+                            preferred_element_type=jnp.float32).astype(self.dtype)
         output = output.reshape(batch, heads, groups, query_length, head_dim).transpose(0, 2, 3, 1, 4)
         output = self.out_proj(output.reshape(rows, query_length, self.embed_dim))
 
@@ -181,13 +182,11 @@ class BartAttention(nn.Module):
         # New keys [rows, heads, head_dim, t] and values [rows, heads, t, head_dim], slot-ordered.
         new_key = key_value["key"].reshape(batch, beams, heads, head_dim, query_length).transpose(0, 2, 3, 4, 1)
         new_value = key_value["value"].reshape(batch, beams, heads, query_length, head_dim).transpose(0, 2, 3, 1, 4)
+        new_key = new_key.reshape(batch, heads, head_dim, query_length * beams).astype(cache["key"].dtype)
+        new_value = new_value.reshape(batch, heads, query_length * beams, head_dim).astype(cache["value"].dtype)
         slot = cache_index * beams
-        key = lax.dynamic_update_slice(
-            cache["key"], new_key.reshape(batch, heads, head_dim, query_length * beams).astype(cache["key"].dtype),
-            (0, 0, 0, slot))
-        value = lax.dynamic_update_slice(
-            cache["value"], new_value.reshape(batch, heads, query_length * beams, head_dim).astype(cache["value"].dtype),
-            (0, 0, slot, 0))
+        key = _write_in_place(cache["key"], new_key, (0, 0, 0, slot))
+        value = _write_in_place(cache["value"], new_value, (0, 0, slot, 0))
         new_cache = {"key": constrain(key, KEYS), "value": constrain(value, PER_HEAD)}
 
         # Queries of an input's beams side by side: [batch, heads, beams * t, head_dim].
@@ -215,7 +214,7 @@ class BartAttention(nn.Module):
             if layer_head_mask is not None:
                 weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
             output = jnp.einsum("bhqn,bhnd->bhqd", dropout(weights).astype(self.dtype),
-                                value[:, :, :slots].astype(self.dtype))
+                                value[:, :, :slots].astype(self.dtype), preferred_element_type=jnp.float32)
             weights = weights.reshape(batch, heads, beams, query_length, length, beams).sum(axis=-1)
             return output, jnp.pad(weights, [(0, 0)] * 4 + [(0, max_length - length)])
 
@@ -228,11 +227,24 @@ class BartAttention(nn.Module):
             output, weights = lax.switch(branch, [lambda n=n: attend(n, lambda w: w) for n in lengths])
         else:
             output, weights = attend(max_length, lambda w: self.attention_dropout(w, deterministic=False))
-        output = output.reshape(batch, heads, beams, query_length, head_dim).transpose(0, 2, 3, 1, 4)
-        output = output.reshape(rows, query_length, self.embed_dim)
+        output = output.astype(self.dtype).reshape(batch, heads, beams, query_length, head_dim)
+        output = output.transpose(0, 2, 3, 1, 4).reshape(rows, query_length, self.embed_dim)
         # Per position, for callers that return attentions: [rows, heads, t, max_length].
         weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, heads, query_length, max_length)
         return self.out_proj(output), weights, new_cache
+
+
+def _write_in_place(buffer: Array, update: Array, start: tuple) -> Array:
+    """`lax.dynamic_update_slice`, done on the bits of 16-bit floats.
+
+    XLA's CPU backend computes a bfloat16 update in float32, converting the whole buffer there
+    and back; on the integer bits it writes only the updated slots, in place.
+    """
+    if buffer.dtype.itemsize != 2:
+        return lax.dynamic_update_slice(buffer, update, start)
+    bits = lax.dynamic_update_slice(lax.bitcast_convert_type(buffer, jnp.uint16),
+                                    lax.bitcast_convert_type(update, jnp.uint16), start)
+    return lax.bitcast_convert_type(bits, buffer.dtype)
 
 
 def _beam_major(mask: Array, batch: int, beams: int) -> Array:

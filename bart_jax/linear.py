@@ -4,6 +4,11 @@
 [out_features]. Checkpoints then convert by name alone, and XLA's CPU matmuls read a weight in
 this layout faster than Flax's [in, out] kernel when few rows multiply it, as in every decoding
 step (bart-base's fc1 with 32 rows: 0.8 ms against 1.4 ms; equal with 4096 rows).
+
+Products accumulate in float32 whatever the compute dtype: more accurate in bfloat16, and
+faster too, since XLA's CPU backend runs bf16 x bf16 -> f32 products on the processor's bf16
+matrix units where it has them (AMX, AVX512-BF16; about 3x fp32 here) but computes a
+bf16 -> bf16 product in fp32 after converting both operands.
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 Dtype = Any
+
+
+def dot_transposed(inputs: jax.Array, weight: jax.Array, dtype: Dtype) -> jax.Array:
+    """inputs [..., in] @ weight [out, in].T with operands in `dtype`: float32 [..., out]."""
+    return lax.dot_general(inputs.astype(dtype), weight.astype(dtype), (((inputs.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
 
 
 class Linear(nn.Module):
@@ -31,8 +41,8 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         weight = self.param("weight", self.weight_init, (self.features, inputs.shape[-1]), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype) \
-            if self.use_bias else None
-        inputs, weight, bias = promote_dtype(inputs, weight, bias, dtype=self.dtype)
-        outputs = lax.dot_general(inputs, weight, (((inputs.ndim - 1,), (1,)), ((), ())))
-        return outputs if bias is None else outputs + bias
+        outputs = dot_transposed(inputs, weight, self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+            outputs = outputs + bias.astype(jnp.float32)
+        return outputs.astype(self.dtype)
