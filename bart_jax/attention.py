@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bart_jax.cache import from_storage, to_storage
 from bart_jax.linear import Linear
 from bart_jax.sharding import KEYS, PER_HEAD, constrain
 
@@ -182,12 +183,14 @@ class BartAttention(nn.Module):
         # New keys [rows, heads, head_dim, t] and values [rows, heads, t, head_dim], slot-ordered.
         new_key = key_value["key"].reshape(batch, beams, heads, head_dim, query_length).transpose(0, 2, 3, 4, 1)
         new_value = key_value["value"].reshape(batch, beams, heads, query_length, head_dim).transpose(0, 2, 3, 1, 4)
-        new_key = new_key.reshape(batch, heads, head_dim, query_length * beams).astype(cache["key"].dtype)
-        new_value = new_value.reshape(batch, heads, query_length * beams, head_dim).astype(cache["value"].dtype)
+        new_key = to_storage(new_key.reshape(batch, heads, head_dim, query_length * beams), cache["key"].dtype)
+        new_value = to_storage(new_value.reshape(batch, heads, query_length * beams, head_dim), cache["value"].dtype)
         slot = cache_index * beams
-        key = _write_in_place(cache["key"], new_key, (0, 0, 0, slot))
-        value = _write_in_place(cache["value"], new_value, (0, 0, slot, 0))
-        new_cache = {"key": constrain(key, KEYS), "value": constrain(value, PER_HEAD)}
+        new_cache = {
+            "key": constrain(lax.dynamic_update_slice(cache["key"], new_key, (0, 0, 0, slot)), KEYS),
+            "value": constrain(lax.dynamic_update_slice(cache["value"], new_value, (0, 0, slot, 0)), PER_HEAD),
+        }
+        key, value = from_storage(new_cache["key"]), from_storage(new_cache["value"])
 
         # Queries of an input's beams side by side: [batch, heads, beams * t, head_dim].
         queries = query.reshape(batch, beams, heads, query_length, head_dim).transpose(0, 2, 1, 3, 4)
@@ -232,19 +235,6 @@ class BartAttention(nn.Module):
         # Per position, for callers that return attentions: [rows, heads, t, max_length].
         weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, heads, query_length, max_length)
         return self.out_proj(output), weights, new_cache
-
-
-def _write_in_place(buffer: Array, update: Array, start: tuple) -> Array:
-    """`lax.dynamic_update_slice`, done on the bits of 16-bit floats.
-
-    XLA's CPU backend computes a bfloat16 update in float32, converting the whole buffer there
-    and back; on the integer bits it writes only the updated slots, in place.
-    """
-    if buffer.dtype.itemsize != 2:
-        return lax.dynamic_update_slice(buffer, update, start)
-    bits = lax.dynamic_update_slice(lax.bitcast_convert_type(buffer, jnp.uint16),
-                                    lax.bitcast_convert_type(update, jnp.uint16), start)
-    return lax.bitcast_convert_type(bits, buffer.dtype)
 
 
 def _beam_major(mask: Array, batch: int, beams: int) -> Array:

@@ -18,6 +18,10 @@ The layout serves the attention matmuls as they run on every step: keys are stor
 (head_dim before slots) because the scores contract head_dim, values are not because the output
 contracts slots, and heads lead so that (batch, heads) are the matmuls' batch dimensions. Each
 step then reads the cache as stored, with no transposed or regathered copy of it.
+
+A bfloat16 cache is kept as the uint16 bits of its values (`storage_dtype`; `from_storage`
+reads them): XLA's CPU backend writes a step into integer buffers in place, but updates a
+bfloat16 buffer through float32, rewriting all of it on every step.
 """
 
 from __future__ import annotations
@@ -28,12 +32,30 @@ import jax.numpy as jnp
 from bart_jax.config import BartConfig
 
 
+def storage_dtype(dtype) -> jnp.dtype:
+    """The dtype a cache of `dtype` values is kept in: uint16 bits for bfloat16."""
+    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def to_storage(values: jax.Array, stored: jnp.dtype) -> jax.Array:
+    """Values as a cache of dtype `stored` keeps them."""
+    if stored == jnp.uint16:
+        return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), jnp.uint16)
+    return values.astype(stored)
+
+
+def from_storage(stored: jax.Array) -> jax.Array:
+    """The values a cache leaf holds (bfloat16 for uint16 bits)."""
+    return jax.lax.bitcast_convert_type(stored, jnp.bfloat16) if stored.dtype == jnp.uint16 else stored
+
+
 def cache_shapes(config: BartConfig, batch: int, max_length: int, beams: int = 1, dtype=jnp.float32):
-    """The cache's structure as `jax.ShapeDtypeStruct`s, computed without allocating."""
+    """The cache's structure as `jax.ShapeDtypeStruct`s, computed without allocating.
+    `dtype`: the dtype of the cached keys/values (kept as `storage_dtype(dtype)`)."""
     heads = config.decoder_attention_heads
     head_dim, slots = config.d_model // heads, max_length * beams
-    key = jax.ShapeDtypeStruct((batch, heads, head_dim, slots), jnp.dtype(dtype))
-    value = jax.ShapeDtypeStruct((batch, heads, slots, head_dim), jnp.dtype(dtype))
+    key = jax.ShapeDtypeStruct((batch, heads, head_dim, slots), storage_dtype(dtype))
+    value = jax.ShapeDtypeStruct((batch, heads, slots, head_dim), storage_dtype(dtype))
     return {
         "layers": tuple({"key": key, "value": value} for _ in range(config.decoder_layers)),
         "ancestors": jax.ShapeDtypeStruct((batch, beams, max_length), jnp.int32),
