@@ -323,7 +323,10 @@ def _convert_ctranslate2(directory: str) -> None:
 
 
 # --- the run ------------------------------------------------------------------------------
-def run(args) -> list[dict]:
+def run(args, on_workload=None) -> list[dict]:
+    """Runs the benchmark `args` describes (see `build_parser`); `on_workload(rows)` receives
+    each workload's result rows as soon as they are measured. A system whose worker dies (e.g.
+    out of memory) is reported and left out of the remaining workloads."""
     workdir = tempfile.mkdtemp(prefix="bart-jax-bench-")
     setup = Setup(workdir, args.batch, args.source_length, args.target, args.greedy_target, args.train_target,
                   args.seed, args.threads)
@@ -345,13 +348,27 @@ def run(args) -> list[dict]:
     for workload in args.workloads:
         active = [name for name in workers if workload in SUPPORTS[name]]
         first, times, tokens, memory = {}, {name: [] for name in active}, {}, {}
-        for name in active:  # first call: compilation / warm-up, timed separately
-            elapsed, tokens[name], memory[name] = _call(workers[name][1], workload)
-            first[name] = elapsed
+
+        def call(name):
+            try:
+                return _call(workers[name][1], workload)
+            except (EOFError, OSError) as error:
+                print(f"{name}: worker died during {workload} ({type(error).__name__}); left out",
+                      file=sys.stderr)
+                workers.pop(name)[0].join(timeout=10)
+                active.remove(name)
+                return None
+
+        for name in list(active):  # first call: compilation / warm-up, timed separately
+            answer = call(name)
+            if answer is not None:
+                first[name], tokens[name], memory[name] = answer
         for _ in range(args.repeats):
-            for name in active:
-                elapsed, _, memory[name] = _call(workers[name][1], workload)
-                times[name].append(elapsed)
+            for name in list(active):
+                answer = call(name)
+                if answer is not None:
+                    times[name].append(answer[0])
+                    memory[name] = answer[2]
         reference = tokens.get("transformers")
         flops = model_flops(config, workload, setup)
         for name in active:
@@ -370,10 +387,11 @@ def run(args) -> list[dict]:
                 "peak_memory_mib": memory[name], "same_tokens_as_transformers": same,
                 "machine_matmul_gflops": peak,
             })
-        for row in results:
-            if row["workload"] == workload:
-                row["speedup"] = {other["system"]: other["median_s"] / row["median_s"] for other in results
-                                  if other["workload"] == workload}
+        rows = [row for row in results if row["workload"] == workload]
+        for row in rows:
+            row["speedup"] = {other["system"]: other["median_s"] / row["median_s"] for other in rows}
+        if on_workload is not None:
+            on_workload(rows)
     for process, connection in workers.values():
         connection.send(None)
         process.join(timeout=10)

@@ -233,10 +233,12 @@ def run_pipeline(args) -> int:
 def run_bench(args) -> int:
     from bart_jax import benchmark
 
-    results = benchmark.run(args)
-    with open(args.output, "a", encoding="utf-8") as f:
-        for row in results:
-            f.write(json.dumps(row) + "\n")
+    def write(rows):  # each workload's rows as soon as it is measured
+        with open(args.output, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    results = benchmark.run(args, on_workload=write)
     print(benchmark.format_table(results))
     return 0
 
