@@ -376,7 +376,10 @@ def run(args, on_workload=None) -> list[dict]:
             same = None
             if reference is not None and tokens.get(name) is not None:
                 same = tokens[name] == reference
-            generated = 0
+            # Tokens/s: generated tokens (W1, W2), source tokens encoded (W3), source and
+            # target tokens trained on (W4).
+            generated = {"W3": setup.batch * setup.source_length,
+                         "W4": setup.batch * (setup.source_length + setup.train_target)}.get(workload, 0)
             if tokens.get(name) is not None:
                 generated = sum(sum(1 for t in row[1:] if t != 1) for row in tokens[name])
             results.append({
