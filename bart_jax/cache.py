@@ -17,7 +17,8 @@ for each row and position, the beam whose slot holds that position's keys/values
 The layout serves the attention matmuls as they run on every step: keys are stored transposed
 (head_dim before slots) because the scores contract head_dim, values are not because the output
 contracts slots, and heads lead so that (batch, heads) are the matmuls' batch dimensions. Each
-step then reads the cache as stored, with no transposed or regathered copy of it.
+step then reads the cache as stored (its written part only, see bart_jax/attention.py), never
+transposing it or gathering it by beam.
 
 A bfloat16 cache is kept as the uint16 bits of its values (`storage_dtype`; `from_storage`
 reads them): XLA's CPU backend writes a step into integer buffers in place, but updates a
