@@ -59,8 +59,8 @@ def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
     return combined
 
 
-def attention_weights(query: Array, key: Array, mask: Optional[Array]) -> Array:
-    """Softmax attention probabilities in float32.
+def attention_scores(query: Array, key: Array, mask: Optional[Array]) -> Array:
+    """Masked attention scores in float32.
 
     query: [batch, heads, query_length, head_dim], already scaled by head_dim**-0.5.
     key: [batch, heads, head_dim, key_length] (transposed). mask: broadcastable to [batch, heads, q, k].
@@ -70,7 +70,7 @@ def attention_weights(query: Array, key: Array, mask: Optional[Array]) -> Array:
     if mask is not None:
         # The most negative finite value (not -inf) keeps a fully masked row finite, as transformers' eager path.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
+    return scores
 
 
 class BartAttention(nn.Module):
@@ -153,12 +153,19 @@ class BartAttention(nn.Module):
         # Fold beams into the query axis so that shared keys/values are not repeated per beam.
         query = query.reshape(batch, groups, heads, query_length, head_dim).transpose(0, 2, 1, 3, 4)
         query = query.reshape(batch, heads, groups * query_length, head_dim)
-        weights = attention_weights(query, key, mask)  # [batch, heads, groups * query, key]
+        scores = attention_scores(query, key, mask)  # [batch, heads, groups * query, key]
+        # Softmax with its normalisation applied to the output rather than to the weights: one
+        # pass less over the [query, key] probabilities, the largest tensor of a long input.
+        unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+        dropped = self.attention_dropout(unnormalized, deterministic=deterministic)
+        output = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), value.astype(self.dtype),
+                            preferred_element_type=jnp.float32) / total
+        weights = unnormalized / total  # returned with output_attentions only
         if layer_head_mask is not None:
             weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
-        dropped = self.attention_dropout(weights, deterministic=deterministic)
-        output = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), value.astype(self.dtype),
-                            preferred_element_type=jnp.float32).astype(self.dtype)
+            output = output * layer_head_mask[None, :, None, None].astype(output.dtype)
+        output = output.astype(self.dtype)
         output = output.reshape(batch, heads, groups, query_length, head_dim).transpose(0, 2, 3, 1, 4)
         output = self.out_proj(output.reshape(rows, query_length, self.embed_dim))
 
@@ -207,7 +214,7 @@ class BartAttention(nn.Module):
                                 preferred_element_type=jnp.float32)
             scores = scores.reshape(batch, heads, beams, query_length, length, beams)
             if mask is not None:
-                # The most negative finite value for masked positions, as `attention_weights`.
+                # The most negative finite value for masked positions, as `attention_scores`.
                 scores = jnp.where(mask[..., :length, None], scores, jnp.finfo(jnp.float32).min)
             # Slots of other beams, and positions not written yet (absent from transformers'
             # cache), weigh exactly nothing, even in a fully masked row.
