@@ -210,8 +210,7 @@ class BartAttention(nn.Module):
             """Attention over cache positions [0, length): -> (output [batch, heads, beams * t, head_dim],
             weights [batch, heads, beams, t, max_length])."""
             slots = length * beams
-            scores = jnp.einsum("bhqd,bhdn->bhqn", queries, key[..., :slots].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            scores = attention_scores(queries, key[..., :slots], None)
             scores = scores.reshape(batch, heads, beams, query_length, length, beams)
             if mask is not None:
                 # The most negative finite value for masked positions, as `attention_scores`.

@@ -124,7 +124,6 @@ class BartJaxSystem:
     def __init__(self, setup: Setup, dtype: str):
         import jax
         import jax.numpy as jnp
-        import optax
 
         from bart_jax.generation.generate import generate_static, resolve_generation_config
         from bart_jax.pretrained import load_pretrained
@@ -140,13 +139,15 @@ class BartJaxSystem:
         module = self.model.module
         self._encode = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask, method="encode")
                                .last_hidden_state)
-        self._optax, self.train_state = optax, None
+        self.train_state = None
 
     def _train_step(self):
         """The jitted AdamW step; its parameter copy and optimizer state are made on first use,
         so that they do not count in the peak memory of the other workloads."""
         if self.train_state is None:
-            jax, jnp, optax, module = self.jax, self.jnp, self._optax, self.model.module
+            import optax
+
+            jax, jnp, module = self.jax, self.jnp, self.model.module
             optimizer = optax.adamw(1e-4)
 
             def train_step(params, opt_state, ids, mask, labels):
@@ -188,7 +189,7 @@ class TorchSystem:
         self.input_ids = torch.as_tensor(source_ids(setup, vocab))
         self.mask = torch.ones_like(self.input_ids)
         self.labels = torch.as_tensor(target_ids(setup, vocab))
-        self.transformers, self.training = transformers, None
+        self.training = None
         self.encoder = self.model.get_encoder()
         self.compiled = compiled
         if compiled:
@@ -198,7 +199,9 @@ class TorchSystem:
     def _training(self):
         """(forward, optimizer) of a training copy, made on first use (see BartJaxSystem._train_step)."""
         if self.training is None:
-            model = self.transformers.BartForConditionalGeneration.from_pretrained(self.setup.model_dir).train()
+            import transformers
+
+            model = transformers.BartForConditionalGeneration.from_pretrained(self.setup.model_dir).train()
             model.config.dropout = 0.0
             forward = self.torch.compile(model.forward) if self.compiled else model.forward
             self.training = (forward, self.torch.optim.AdamW(model.parameters(), lr=1e-4))

@@ -414,7 +414,7 @@ def flax_to_hf(params: Params, config: BartConfig, head: str) -> dict[str, np.nd
     check_params(params, config, head)
     flat = traverse_util.flatten_dict(params)
     return {
-        hf_key(path): np.ascontiguousarray(np.asarray(value))
+        hf_key(path): np.ascontiguousarray(value)
         for path, value in sorted(flat.items())
     }
 

@@ -101,10 +101,10 @@ def pretrained_params(directory: str, config: BartConfig, head: str, module: Any
     fresh_parts = set()
     for path, shape in traverse_util.flatten_dict(expected).items():
         key = conversion.hf_key(path)
-        if path[0] == "model" or (key in state and np.shape(state[key]) == tuple(shape)):
+        if path[0] == "model" or (key in state and np.shape(state[key]) == shape):
             continue
         if key in state:
-            logger.warning("not loading %s %s: the new head needs %s", key, np.shape(state[key]), tuple(shape))
+            logger.warning("not loading %s %s: the new head needs %s", key, np.shape(state[key]), shape)
         fresh_parts.add(path[0])
     state = {key: value for key, value in state.items() if key.split(".")[0] not in fresh_parts}
     fresh = initial_params(module, rng, tuple(sorted(fresh_parts))) if fresh_parts else None
