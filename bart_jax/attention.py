@@ -197,7 +197,8 @@ class BartAttention(nn.Module):
             "key": constrain(lax.dynamic_update_slice(cache["key"], new_key, (0, 0, 0, slot)), KEYS),
             "value": constrain(lax.dynamic_update_slice(cache["value"], new_value, (0, 0, slot, 0)), PER_HEAD),
         }
-        key, value = from_storage(new_cache["key"]), from_storage(new_cache["value"])
+        # Bits become bfloat16 values after slicing: converting the whole cache first would copy it.
+        key, value = new_cache["key"], new_cache["value"]
 
         # Queries of an input's beams side by side: [batch, heads, beams * t, head_dim].
         queries = query.reshape(batch, beams, heads, query_length, head_dim).transpose(0, 2, 1, 3, 4)
@@ -210,7 +211,7 @@ class BartAttention(nn.Module):
             """Attention over cache positions [0, length): -> (output [batch, heads, beams * t, head_dim],
             weights [batch, heads, beams, t, max_length])."""
             slots = length * beams
-            scores = attention_scores(queries, key[..., :slots], None)
+            scores = attention_scores(queries, from_storage(key[..., :slots]), None)
             scores = scores.reshape(batch, heads, beams, query_length, length, beams)
             if mask is not None:
                 # The most negative finite value for masked positions, as `attention_scores`.
@@ -223,7 +224,7 @@ class BartAttention(nn.Module):
             if layer_head_mask is not None:
                 weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
             output = jnp.einsum("bhqn,bhnd->bhqd", dropout(weights).astype(self.dtype),
-                                value[:, :, :slots].astype(self.dtype), preferred_element_type=jnp.float32)
+                                from_storage(value[:, :, :slots]).astype(self.dtype), preferred_element_type=jnp.float32)
             weights = weights.reshape(batch, heads, beams, query_length, length, beams).sum(axis=-1)
             return output, jnp.pad(weights, [(0, 0)] * 4 + [(0, max_length - length)])
 

@@ -25,8 +25,11 @@ Dtype = Any
 
 def dot_transposed(inputs: jax.Array, weight: jax.Array, dtype: Dtype) -> jax.Array:
     """inputs [..., in] @ weight [out, in].T with operands in `dtype`: float32 [..., out]."""
-    return lax.dot_general(inputs.astype(dtype), weight.astype(dtype), (((inputs.ndim - 1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+    # A 2-D product: with more input dimensions, XLA's CPU backend rewrites the product around a
+    # transposed copy of the weight, which it then reads 1.6x slower (bfloat16, 32 rows).
+    rows = inputs.reshape(-1, inputs.shape[-1]).astype(dtype)
+    outputs = lax.dot_general(rows, weight.astype(dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return outputs.reshape(inputs.shape[:-1] + weight.shape[:1])
 
 
 class Linear(nn.Module):
