@@ -344,6 +344,11 @@ def activation_sharding(mesh: Mesh, rules: Rules = RULES):
         _ACTIVE.reset(token)
 
 
+def sharding_active() -> bool:
+    """Whether activations are being traced under `activation_sharding`."""
+    return _ACTIVE.get() is not None
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     """`x` with a sharding constraint from its logical axes; the identity outside
     `activation_sharding` (so unsharded use is unchanged). Dimensions their mesh axes do not

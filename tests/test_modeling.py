@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bart_jax import modeling
+from bart_jax import attention, modeling
 from bart_jax.config import BartConfig
 from bart_jax.conversion import hf_to_flax
 from hf_reference import HEADS, hf_model, random_batch
@@ -30,6 +30,8 @@ CONFIGS = {
                            decoder_attention_heads=6),
     "gelu_new-untied": dict(activation_function="gelu_new", scale_embedding=True, tie_word_embeddings=False),
 }
+# Long enough (>= attention.PER_EXAMPLE_MIN_QUERIES) for attention to run example by example on CPU.
+LONG_CONFIG = {"long-inputs": dict(max_position_embeddings=160)}
 
 
 def assert_close(name, reference, ours, atol=ATOL):
@@ -54,7 +56,7 @@ def assert_tuple_close(name, reference, ours, atol=ATOL):
 @functools.lru_cache(maxsize=None)
 def converted(head: str, config_name: str, seed: int = 0):
     """(transformers model, our config, our module, our params) for a head and config."""
-    model = hf_model(head, seed=seed, **CONFIGS[config_name])
+    model = hf_model(head, seed=seed, **{**CONFIGS, **LONG_CONFIG}[config_name])
     config = BartConfig.from_dict(model.config.to_dict())
     state = {key: value.detach().numpy() for key, value in model.state_dict().items()}
     params = hf_to_flax(state, config, head)
@@ -113,6 +115,44 @@ def test_head_matches_transformers(head, config_name):
             assert_tuple_close(name, ref, getattr(ours, name))
     compared = [name for name in tuples if getattr(reference, name, None)]
     assert len(compared) >= (2 if head == "BartForCausalLM" else 5), f"too few optional outputs compared: {compared}"
+
+
+def test_long_inputs_match_transformers():
+    """Encoder, decoder and cross-attention over >= 64 queries per example: the per-example path."""
+    head = "BartForConditionalGeneration"
+    _, config, _, _ = converted(head, "long-inputs")
+    input_ids, attention_mask = random_batch(config.vocab_size, batch=3, length=150, seed=21)
+    decoder_input_ids, decoder_attention_mask = random_batch(config.vocab_size, batch=3, length=90, seed=22)
+    assert attention.attends_per_example(3, 90), "inputs too short to exercise the per-example path"
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                  decoder_attention_mask=decoder_attention_mask)
+    reference, ours = run_both(head, "long-inputs", inputs, output_attentions=True)
+    assert_close("logits", reference.logits, ours.logits)
+    assert_close("encoder_last_hidden_state", reference.encoder_last_hidden_state, ours.encoder_last_hidden_state)
+    for name in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        assert_tuple_close(name, getattr(reference, name), getattr(ours, name))
+
+
+@pytest.mark.parametrize("mask_shape", [None, (3, 1, 1, 70), (1, 1, 70, 70), (3, 1, 70, 70)])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_per_example_attention_equals_whole_batch(mask_shape, rate):
+    rng = np.random.default_rng(5)
+    query, value = (jnp.asarray(rng.standard_normal((3, 2, 70, 8)), jnp.float32) for _ in range(2))
+    key = jnp.asarray(rng.standard_normal((3, 2, 8, 70)), jnp.float32)
+    mask = None if mask_shape is None else jnp.asarray(rng.random(mask_shape) > 0.3)
+    dropout_rng = jax.random.PRNGKey(3) if rate else None
+    ours = attention.softmax_attention_per_example(query, key, value, mask, jnp.float32, rate, dropout_rng)
+    for index in range(3):
+        one_mask = None if mask is None else mask[index:index + 1] if mask.shape[0] == 3 else mask
+        example_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        expected, _ = attention.softmax_attention(query[index:index + 1], key[index:index + 1],
+                                                  value[index:index + 1], one_mask, jnp.float32, rate, example_rng)
+        np.testing.assert_allclose(np.asarray(ours[index]), np.asarray(expected[0]), atol=1e-5,
+                                   err_msg=f"example {index} differs from attending it alone")
+    if rate == 0.0:
+        whole, _ = attention.softmax_attention(query, key, value, mask, jnp.float32)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(whole), atol=1e-5,
+                                   err_msg="per-example attention differs from whole-batch attention")
 
 
 def test_conditional_generation_without_labels_shifts_input_ids():
