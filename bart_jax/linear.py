@@ -13,6 +13,7 @@ bf16 -> bf16 product in fp32 after converting both operands.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -22,6 +23,9 @@ from jax import lax
 
 Dtype = Any
 
+# Up to this many rows (batch x beams x tokens), `vocabulary_product` multiplies weight-first.
+FEW_ROWS = 256
+
 
 def dot_transposed(inputs: jax.Array, weight: jax.Array, dtype: Dtype) -> jax.Array:
     """inputs [..., in] @ weight [out, in].T with operands in `dtype`: float32 [..., out]."""
@@ -30,6 +34,23 @@ def dot_transposed(inputs: jax.Array, weight: jax.Array, dtype: Dtype) -> jax.Ar
     rows = inputs.reshape(-1, inputs.shape[-1]).astype(dtype)
     outputs = lax.dot_general(rows, weight.astype(dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return outputs.reshape(inputs.shape[:-1] + weight.shape[:1])
+
+
+def vocabulary_product(inputs: jax.Array, weight: jax.Array, dtype: Dtype) -> jax.Array:
+    """The LM head's `dot_transposed(inputs, weight, dtype)`: inputs [..., in], weight [vocab, in]
+    -> float32 [..., vocab].
+
+    For few rows (decoding steps) it runs as weight @ inputs.T, then transposed: as inputs @
+    weight.T, XLA's CPU backend fuses the product with the reductions of the log-softmax that
+    follows, and runs that fusion about 2x slower (32 rows of bart-base in bf16: 8.8 ms against
+    3.7 ms, plus 3 ms to transpose). With many rows (training) the transpose would cost more
+    than it saves.
+    """
+    if math.prod(inputs.shape[:-1]) > FEW_ROWS:
+        return dot_transposed(inputs, weight, dtype)
+    outputs = lax.dot_general(weight.astype(dtype), inputs.astype(dtype), (((1,), (inputs.ndim - 1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return jnp.moveaxis(outputs, 0, -1)
 
 
 class Linear(nn.Module):

@@ -28,7 +28,7 @@ from bart_jax import losses
 from bart_jax.attention import combine_masks, make_causal_mask, padding_mask
 from bart_jax.config import BartConfig
 from bart_jax.layers import BartDecoderLayer, BartEncoderLayer, layer_norm, remat_layer, run_layer_stack
-from bart_jax.linear import Linear, dot_transposed
+from bart_jax.linear import Linear, vocabulary_product
 from bart_jax.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqOutput
 from bart_jax.sharding import HIDDEN, LOGITS, constrain
 
@@ -375,7 +375,7 @@ class BartForConditionalGeneration(BartModule):
     def lm_logits(self, hidden_states: Array) -> Array:
         """hidden_states [..., d_model] -> logits [..., vocab] in the compute dtype."""
         if self.config.tie_word_embeddings:
-            logits = dot_transposed(hidden_states, self.model.shared.embedding, self.dtype)
+            logits = vocabulary_product(hidden_states, self.model.shared.embedding, self.dtype)
         else:
             logits = self.lm_head(hidden_states)
         logits = logits + self.final_logits_bias[0].astype(logits.dtype)
@@ -547,8 +547,8 @@ class BartForCausalLM(BartModule):
             cross_attn_head_mask, None, cache, cache_index, output_attentions, output_hidden_states, deterministic,
         )
         if self.config.tie_word_embeddings:
-            logits = dot_transposed(outputs.last_hidden_state, self.model.decoder.embed_tokens.embedding,
-                                    self.dtype).astype(self.dtype)
+            logits = vocabulary_product(outputs.last_hidden_state, self.model.decoder.embed_tokens.embedding,
+                                        self.dtype).astype(self.dtype)
         else:
             logits = self.lm_head(outputs.last_hidden_state)
         loss = None if labels is None else losses.cross_entropy(logits, labels)
