@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from bart_jax.activations import get_activation
 from bart_jax.attention import BartAttention
 from bart_jax.config import BartConfig
+from bart_jax.layer_norm import LayerNorm
 from bart_jax.linear import Linear
 from bart_jax.sharding import HIDDEN, MLP_HIDDEN, constrain
 
@@ -32,9 +33,8 @@ REMAT_SAVEABLE = {
 REMAT_POLICIES = ("none",) + tuple(REMAT_SAVEABLE)
 
 
-def layer_norm(dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    # Flax computes LayerNorm statistics in float32 for low-precision inputs.
-    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, param_dtype=param_dtype)
+def layer_norm(dtype: Dtype, param_dtype: Dtype) -> LayerNorm:
+    return LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, param_dtype=param_dtype)
 
 
 class FeedForwardMixin:
