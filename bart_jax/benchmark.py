@@ -264,6 +264,22 @@ def make_system(name: str, setup: Setup):
     return CTranslate2System(setup, "int8" if name == "ctranslate2_int8" else "float32")
 
 
+def peak_memory_mib() -> float:
+    """This process's peak resident memory in MiB.
+
+    Linux's VmHWM belongs to the process's own address space; `ru_maxrss` would also count the
+    parent's resident memory at the fork that started this worker (its copy of the parent's pages).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
 def worker(name: str, setup: Setup, connection) -> None:
     """Runs one system: answers ("run", workload) with timing, tokens and peak memory."""
     try:
@@ -281,7 +297,7 @@ def worker(name: str, setup: Setup, connection) -> None:
         began = time.perf_counter()
         _, tokens = system.run(workload)
         elapsed = time.perf_counter() - began
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mib = peak_memory_mib()
         connection.send((elapsed, None if tokens is None else tokens.tolist(), peak_mib))
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from bart_jax.benchmark import model_flops, Setup
+import numpy as np
+
+from bart_jax.benchmark import model_flops, peak_memory_mib, Setup
 from bart_jax.cli import main
 from hf_reference import TOKENIZER_DIR
 
@@ -32,3 +34,11 @@ def test_flop_count_of_the_encoder():
     # One layer: q,k,v,out (4 d^2) and fc1, fc2 (2 d ffn) per token, two tokens; scores and
     # weighted values (2 s^2 d); two FLOPs per multiply-add.
     assert model_flops(config, "W3", setup) == 2 * 2 * (4 * 64 + 2 * 8 * 16) + 2 * 2 * 4 * 8
+
+
+def test_peak_memory_counts_this_process_allocations():
+    before = peak_memory_mib()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    after = peak_memory_mib()
+    assert block.sum() > 0
+    assert after >= max(before, 64), f"peak {after:.0f} MiB after allocating 64 MiB (was {before:.0f} MiB)"
