@@ -378,7 +378,8 @@ class BartForConditionalGeneration(BartModule):
             logits = vocabulary_product(hidden_states, self.model.shared.embedding, self.dtype)
         else:
             logits = self.lm_head(hidden_states)
-        logits = logits + self.final_logits_bias[0].astype(logits.dtype)
+        # A buffer in transformers, never trained: no gradient flows into it (nor is one computed).
+        logits = logits + jax.lax.stop_gradient(self.final_logits_bias[0]).astype(logits.dtype)
         return constrain(logits.astype(self.dtype), LOGITS)
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, head_mask=None,
