@@ -31,7 +31,7 @@ CONFIGS = {
     "gelu_new-untied": dict(activation_function="gelu_new", scale_embedding=True, tie_word_embeddings=False),
 }
 # Long enough (>= attention.PER_EXAMPLE_MIN_QUERIES) for attention to run example by example on CPU.
-LONG_CONFIG = {"long-inputs": dict(max_position_embeddings=160)}
+LONG_CONFIG = {"long-inputs": dict(max_position_embeddings=300)}
 
 
 def assert_close(name, reference, ours, atol=ATOL):
@@ -118,12 +118,12 @@ def test_head_matches_transformers(head, config_name):
 
 
 def test_long_inputs_match_transformers():
-    """Encoder, decoder and cross-attention over >= 64 queries per example: the per-example path."""
+    """Encoder, decoder and cross-attention over >= 256 queries per example: the per-example path."""
     head = "BartForConditionalGeneration"
     _, config, _, _ = converted(head, "long-inputs")
-    input_ids, attention_mask = random_batch(config.vocab_size, batch=3, length=150, seed=21)
-    decoder_input_ids, decoder_attention_mask = random_batch(config.vocab_size, batch=3, length=90, seed=22)
-    assert attention.attends_per_example(3, 90), "inputs too short to exercise the per-example path"
+    input_ids, attention_mask = random_batch(config.vocab_size, batch=3, length=290, seed=21)
+    decoder_input_ids, decoder_attention_mask = random_batch(config.vocab_size, batch=3, length=260, seed=22)
+    assert attention.attends_per_example(3, 260), "inputs too short to exercise the per-example path"
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                   decoder_attention_mask=decoder_attention_mask)
     reference, ours = run_both(head, "long-inputs", inputs, output_attentions=True)
