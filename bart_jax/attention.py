@@ -111,8 +111,8 @@ def attends_per_example(batch: int, queries: int) -> bool:
 
     On CPU, an element's [heads, query, key] scores stay in the processor's caches while they
     are exponentiated and multiplied by the values; over the whole batch they do not (bart-base
-    encoder, 512 tokens: 43 ms per layer against 86 ms in fp32, 69 ms in bf16). Accelerators and sharded
-    batches attend the whole batch at once: a sequential loop would serialise them.
+    encoder, 512 tokens: 43 ms per layer against 86 ms in fp32, 69 ms in bf16). Accelerators and
+    sharded batches attend the whole batch at once: a sequential loop would serialise them.
     """
     return (batch > 1 and queries >= PER_EXAMPLE_MIN_QUERIES and jax.default_backend() == "cpu"
             and not sharding_active())
@@ -217,7 +217,8 @@ class BartAttention(nn.Module):
         dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
         if attends_per_example(batch, groups * query_length):
             output = softmax_attention_per_example(query, key, value, mask, self.dtype, rate, dropout_rng)
-            weights = jax.nn.softmax(attention_scores(query, key, mask), axis=-1)  # dropped unless returned
+            # Only computed when returned (output_attentions); XLA removes it otherwise.
+            weights = jax.nn.softmax(attention_scores(query, key, mask), axis=-1)
         else:
             output, weights = softmax_attention(query, key, value, mask, self.dtype, rate, dropout_rng)
         if layer_head_mask is not None:
@@ -265,7 +266,7 @@ class BartAttention(nn.Module):
             mask = _beam_major(mask, batch, beams) if mask.shape[0] == rows else mask[:, :, None]
         written = cache_index + query_length
 
-        def attend(length, dropout):
+        def attend(length, drop):
             """Attention over cache positions [0, length): -> (output [batch, heads, beams * t, head_dim],
             weights [batch, heads, beams, t, max_length])."""
             slots = length * beams
@@ -281,8 +282,9 @@ class BartAttention(nn.Module):
             weights = jax.nn.softmax(scores.reshape(batch, heads, beams * query_length, slots), axis=-1)
             if layer_head_mask is not None:
                 weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
-            output = jnp.einsum("bhqn,bhnd->bhqd", dropout(weights).astype(self.dtype),
-                                from_storage(value[:, :, :slots]).astype(self.dtype), preferred_element_type=jnp.float32)
+            output = jnp.einsum("bhqn,bhnd->bhqd", drop(weights).astype(self.dtype),
+                                from_storage(value[:, :, :slots]).astype(self.dtype),
+                                preferred_element_type=jnp.float32)
             weights = weights.reshape(batch, heads, beams, query_length, length, beams).sum(axis=-1)
             return output, jnp.pad(weights, [(0, 0)] * 4 + [(0, max_length - length)])
 
