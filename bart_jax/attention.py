@@ -217,8 +217,8 @@ class BartAttention(nn.Module):
         dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
         if attends_per_example(batch, groups * query_length):
             output = softmax_attention_per_example(query, key, value, mask, self.dtype, rate, dropout_rng)
-            # Only computed when returned (output_attentions); XLA removes it otherwise.
-            weights = jax.nn.softmax(attention_scores(query, key, mask), axis=-1)
+            # The weights, for output_attentions only: XLA removes this whole-batch pass otherwise.
+            _, weights = softmax_attention(query, key, value, mask, self.dtype)
         else:
             output, weights = softmax_attention(query, key, value, mask, self.dtype, rate, dropout_rng)
         if layer_head_mask is not None:
