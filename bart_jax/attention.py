@@ -98,7 +98,9 @@ def softmax_attention(query: Array, key: Array, value: Array, mask: Optional[Arr
     scores = attention_scores(query, key, mask)
     # Softmax with its normalisation applied to the output rather than to the weights: one
     # pass less over the [query, key] probabilities, the largest tensor of a long input.
-    unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    # The row maximum only keeps exp in range: softmax does not depend on it, so its derivative
+    # (an argmax mask XLA would keep for the backward pass) is left out.
+    unnormalized = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
     dropped = dropout(unnormalized, dropout_rate, dropout_rng)
     output = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(dtype), value.astype(dtype),
@@ -131,7 +133,9 @@ def softmax_attention_per_example(query: Array, key: Array, value: Array, mask: 
                                       dropout_rate, rng)
         return output[0]
 
-    return lax.map(attend_one, (jnp.arange(query.shape[0]), query, key, value))
+    # Rematerialised: the backward pass recomputes an element's scores rather than keeping the
+    # whole batch's [heads, query, key] weights from the forward pass.
+    return lax.map(jax.checkpoint(attend_one), (jnp.arange(query.shape[0]), query, key, value))
 
 
 class BartAttention(nn.Module):

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from bart_jax import losses
 from bart_jax.attention import combine_masks, make_causal_mask, padding_mask
@@ -132,7 +133,13 @@ class LayerStackMixin:
         layernorm_embedding and dropout: [batch, length] ids -> [batch, length, d_model]."""
         if inputs_embeds is None:
             embed_scale = math.sqrt(self.config.d_model) if self.config.scale_embedding else 1.0
-            inputs_embeds = self.token_embedding(input_ids) * jnp.asarray(embed_scale, self.dtype)
+            token_embeds = self.token_embedding(input_ids)
+            # nn.Embedding(padding_idx=pad) in transformers: looking up the padding token passes
+            # no gradient to its row (the tied LM head still does).
+            if self.config.pad_token_id is not None:
+                token_embeds = jnp.where((input_ids == self.config.pad_token_id)[..., None],
+                                         lax.stop_gradient(token_embeds), token_embeds)
+            inputs_embeds = token_embeds * jnp.asarray(embed_scale, self.dtype)
         hidden_states = inputs_embeds.astype(self.dtype) + self.embed_positions(positions + POSITION_OFFSET)[None]
         hidden_states = self.layernorm_embedding(hidden_states)
         return constrain(self.embedding_dropout(hidden_states, deterministic=deterministic), HIDDEN)
