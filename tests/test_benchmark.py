@@ -1,12 +1,14 @@
-"""The benchmark runs end to end on a tiny shape (a smoke test: no timing is asserted)."""
+"""The benchmark runs end to end on a tiny shape (a smoke test: no timing is asserted), and its parts."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
+import pytest
 
-from bart_jax.benchmark import model_flops, peak_memory_mib, Setup
+from bart_jax.benchmark import HUGE_PAGES_TUNABLE, model_flops, peak_memory_mib, Setup, worker_environment
 from bart_jax.cli import main
 from hf_reference import TOKENIZER_DIR
 
@@ -42,3 +44,19 @@ def test_peak_memory_counts_this_process_allocations():
     after = peak_memory_mib()
     assert block.sum() > 0
     assert after >= max(before, 64), f"peak {after:.0f} MiB after allocating 64 MiB (was {before:.0f} MiB)"
+
+
+@pytest.mark.parametrize("previous, huge_pages, inside", [
+    (None, True, HUGE_PAGES_TUNABLE),
+    ("glibc.malloc.arena_max=2", True, f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"),
+    ("glibc.malloc.hugetlb=0", True, "glibc.malloc.hugetlb=0"),
+    (None, False, None),
+])
+def test_worker_environment_adds_huge_pages_and_restores(monkeypatch, previous, huge_pages, inside):
+    if previous is None:
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+        monkeypatch.setenv("GLIBC_TUNABLES", previous)
+    with worker_environment(huge_pages):
+        assert os.environ.get("GLIBC_TUNABLES") == inside, "environment the workers start with"
+    assert os.environ.get("GLIBC_TUNABLES") == previous, "the parent's environment is restored"
