@@ -485,7 +485,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--configs-dir", default=os.path.join(here, "configs"))
     parser.add_argument("--tokenizer-dir", help="BART tokenizer files (needed for CTranslate2's vocabulary)")
-    parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=False,
                         help=f"start every worker with GLIBC_TUNABLES={HUGE_PAGES_TUNABLE} (see worker_environment)")
     parser.add_argument("--output", default="benchmark.jsonl")
     return parser

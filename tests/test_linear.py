@@ -1,0 +1,44 @@
+"""The products of bart_jax/linear.py: values and gradients of the low-precision product."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bart_jax.linear import dot_transposed, low_precision_product
+
+
+def test_low_precision_product_gradients_are_bfloat16_products_of_the_rounded_gradient():
+    rng = np.random.default_rng(0)
+    rows = jnp.asarray(rng.standard_normal((6, 5)), jnp.bfloat16)
+    weight = jnp.asarray(rng.standard_normal((4, 5)), jnp.bfloat16)
+    output_gradient = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+
+    output, backward = jax.vjp(low_precision_product, rows, weight)
+    rows_gradient, weight_gradient = backward(output_gradient)
+
+    as_float = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    rounded = as_float(output_gradient.astype(jnp.bfloat16))
+    np.testing.assert_allclose(as_float(output), as_float(rows) @ as_float(weight).T, rtol=1e-6,
+                               err_msg="forward product differs from rows @ weight.T")
+    assert rows_gradient.dtype == jnp.bfloat16 and weight_gradient.dtype == jnp.bfloat16, "gradients keep the operand dtype"
+    np.testing.assert_allclose(as_float(rows_gradient), as_float((rounded @ as_float(weight)).astype(jnp.bfloat16)),
+                               rtol=1e-2, err_msg="d rows differs from gradient @ weight")
+    np.testing.assert_allclose(as_float(weight_gradient), as_float((rounded.T @ as_float(rows)).astype(jnp.bfloat16)),
+                               rtol=1e-2, err_msg="d weight differs from gradient.T @ rows")
+
+
+def test_dot_transposed_gradients_close_to_float32_in_bfloat16():
+    rng = np.random.default_rng(1)
+    inputs = jnp.asarray(rng.standard_normal((2, 3, 16)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((8, 16)) * 0.1, jnp.float32)
+
+    def loss(inputs, weight, dtype):
+        return jnp.sum(jnp.tanh(dot_transposed(inputs, weight, dtype)))
+
+    for ours, reference, name in zip(jax.grad(loss, argnums=(0, 1))(inputs, weight, jnp.bfloat16),
+                                     jax.grad(loss, argnums=(0, 1))(inputs, weight, jnp.float32), ("inputs", "weight")):
+        assert ours.dtype == jnp.float32, f"d {name}: gradient of float32 parameters is {ours.dtype}"
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=0.05,
+                                   err_msg=f"d {name}: bfloat16 gradient far from the float32 one")
