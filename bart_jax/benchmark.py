@@ -296,7 +296,7 @@ def worker_environment(huge_pages: bool):
     All systems get the same environment.
     """
     previous = os.environ.get("GLIBC_TUNABLES")
-    if huge_pages and (previous is None or "glibc.malloc.hugetlb" not in previous):
+    if huge_pages and "glibc.malloc.hugetlb" not in (previous or ""):
         os.environ["GLIBC_TUNABLES"] = HUGE_PAGES_TUNABLE if previous is None else f"{previous}:{HUGE_PAGES_TUNABLE}"
     try:
         yield

@@ -139,11 +139,8 @@ def test_gradients_match_transformers(config_name):
     head = "BartForConditionalGeneration"
     model, config, module, params = converted(head, config_name)
     if config_name == "long-inputs":
-        rng = np.random.default_rng(4)
-        input_ids = rng.integers(3, config.vocab_size, size=(2, 290))
-        attention_mask = np.ones_like(input_ids)
-        attention_mask[1, 260:] = 0
-        labels = rng.integers(0, config.vocab_size, size=(2, 270))
+        input_ids, attention_mask = random_batch(config.vocab_size, batch=2, length=290, seed=4)
+        labels = np.random.default_rng(4).integers(0, config.vocab_size, size=(2, 270))
         assert attention.attends_per_example(2, 290), "inputs too short to exercise the per-example path"
     else:
         inputs = head_inputs(head, config)
