@@ -23,7 +23,7 @@ from jax import lax
 
 Dtype = Any
 
-# Up to this many rows (batch x beams x tokens), `vocabulary_product` multiplies weight-first.
+# Up to this many rows (batch x beams x tokens), float32 products multiply weight-first.
 FEW_ROWS = 256
 
 
@@ -59,14 +59,33 @@ def _low_precision_product_backward(residuals, output_gradient):
 low_precision_product.defvjp(_low_precision_product_forward, _low_precision_product_backward)
 
 
-def dot_transposed(inputs: jax.Array, weight: jax.Array, dtype: Dtype) -> jax.Array:
-    """inputs [..., in] @ weight [out, in].T with operands in `dtype`: float32 [..., out]."""
+def dot_transposed(inputs: jax.Array, weight: jax.Array, dtype: Dtype, bias: jax.Array | None = None) -> jax.Array:
+    """inputs [..., in] @ weight [out, in].T (+ bias [out]) with operands in `dtype`: float32 [..., out]."""
     # A 2-D product: with more input dimensions, XLA's CPU backend rewrites the product around a
     # transposed copy of the weight, which it then reads 1.6x slower (bfloat16, 32 rows).
     rows = inputs.reshape(-1, inputs.shape[-1]).astype(dtype)
     weight = weight.astype(dtype)
-    product = _rows_by_weight if jnp.dtype(dtype).itemsize >= 4 else low_precision_product
-    return product(rows, weight).reshape(inputs.shape[:-1] + weight.shape[:1])
+    if bias is not None and rows.shape[0] <= FEW_ROWS and jnp.dtype(dtype).itemsize >= 4:
+        outputs = _weight_by_rows_plus_bias(rows, weight, bias)
+    else:
+        product = _rows_by_weight if jnp.dtype(dtype).itemsize >= 4 else low_precision_product
+        outputs = product(rows, weight)
+        if bias is not None:
+            outputs = outputs + bias.astype(jnp.float32)
+    return outputs.reshape(inputs.shape[:-1] + weight.shape[:1])
+
+
+def _weight_by_rows_plus_bias(rows: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
+    """float32 rows [n, in] @ weight [out, in].T + bias as (weight @ rows.T + bias).T: [n, out].
+
+    XLA's CPU matmul reads a float32 weight about twice as fast when the weight's rows are the
+    product's long side and the few input rows its short side (bart-base's fc1 + fc2 with 8 rows:
+    5.6 ms against 11.4 ms for six layers; 1.5x with 32 rows; slower from ~512 rows; bfloat16
+    products are 3-5x slower that way). The bias is added before transposing back because XLA
+    folds a transpose that directly follows the product into the product, undoing the order.
+    """
+    outputs = lax.dot_general(weight, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (outputs + bias.astype(jnp.float32)[:, None]).T
 
 
 def vocabulary_product(inputs: jax.Array, weight: jax.Array, dtype: Dtype) -> jax.Array:
@@ -98,8 +117,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         weight = self.param("weight", self.weight_init, (self.features, inputs.shape[-1]), self.param_dtype)
-        outputs = dot_transposed(inputs, weight, self.dtype)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-            outputs = outputs + bias.astype(jnp.float32)
-        return outputs.astype(self.dtype)
+        return dot_transposed(inputs, weight, self.dtype, bias).astype(self.dtype)

@@ -5,8 +5,33 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from bart_jax.linear import dot_transposed, low_precision_product
+from bart_jax.linear import FEW_ROWS, dot_transposed, low_precision_product
+
+
+@pytest.mark.parametrize("rows", [1, 8, FEW_ROWS, FEW_ROWS + 1])
+def test_float32_product_with_bias_matches_numpy_on_both_sides_of_few_rows(rows):
+    # Up to FEW_ROWS rows the product runs weight-first; the values and gradients must not show it.
+    rng = np.random.default_rng(rows)
+    inputs = rng.standard_normal((rows, 1, 24)).astype(np.float32)
+    weight = rng.standard_normal((40, 24)).astype(np.float32)
+    bias = rng.standard_normal(40).astype(np.float32)
+
+    output = dot_transposed(jnp.asarray(inputs), jnp.asarray(weight), jnp.float32, jnp.asarray(bias))
+    expected = inputs.astype(np.float64) @ weight.T.astype(np.float64) + bias
+    assert output.shape == (rows, 1, 40), f"output shape {output.shape}"
+    np.testing.assert_allclose(np.asarray(output), expected, atol=1e-4, err_msg=f"{rows} rows: product + bias differs")
+
+    def loss(inputs, weight, bias):
+        return jnp.sum(jnp.sin(dot_transposed(inputs, weight, jnp.float32, bias)))
+
+    gradients = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(inputs), jnp.asarray(weight), jnp.asarray(bias))
+    cosine = np.cos(expected)
+    for ours, reference, name in zip(gradients, (cosine @ weight, np.einsum("rto,rti->oi", cosine, inputs),
+                                                 cosine.sum((0, 1))), ("inputs", "weight", "bias")):
+        np.testing.assert_allclose(np.asarray(ours), reference, rtol=1e-4, atol=1e-3,
+                                   err_msg=f"{rows} rows: d {name} differs")
 
 
 def test_low_precision_product_gradients_are_bfloat16_products_of_the_rounded_gradient():
