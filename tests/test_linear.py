@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bart_jax.linear import FEW_ROWS, dot_transposed, low_precision_product
+from bart_jax.linear import WEIGHT_FIRST_ROWS, dot_transposed, low_precision_product
 
 
-@pytest.mark.parametrize("rows", [1, 8, FEW_ROWS, FEW_ROWS + 1])
-def test_float32_product_with_bias_matches_numpy_on_both_sides_of_few_rows(rows):
-    # Up to FEW_ROWS rows the product runs weight-first; the values and gradients must not show it.
+@pytest.mark.parametrize("rows", [1, 8, WEIGHT_FIRST_ROWS, WEIGHT_FIRST_ROWS + 1])
+def test_float32_product_with_bias_matches_numpy_on_both_sides_of_weight_first_rows(rows):
+    # Up to WEIGHT_FIRST_ROWS rows the product runs weight-first; the values and gradients must not show it.
     rng = np.random.default_rng(rows)
     inputs = rng.standard_normal((rows, 1, 24)).astype(np.float32)
     weight = rng.standard_normal((40, 24)).astype(np.float32)
