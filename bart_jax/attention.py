@@ -95,7 +95,15 @@ def softmax_attention(query: Array, key: Array, value: Array, mask: Optional[Arr
     Returns (output [batch, heads, q, head_dim] float32, weights [batch, heads, q, k] float32,
     before dropout as transformers returns them).
     """
-    scores = attention_scores(query, key, mask)
+    return weigh_values(attention_scores(query, key, mask), value, dtype, dropout_rate, dropout_rng)
+
+
+def weigh_values(scores: Array, value: Array, dtype: Dtype, dropout_rate: float = 0.0,
+                 dropout_rng: Optional[Array] = None) -> tuple[Array, Array]:
+    """softmax(scores) @ value: scores [batch, heads, q, k] float32 (-inf: weighs nothing; each row
+    needs one finite score), value [batch, heads, k, head_dim].
+    Returns (output [batch, heads, q, head_dim] float32, weights [batch, heads, q, k] float32).
+    """
     # Softmax with its normalisation applied to the output rather than to the weights: one
     # pass less over the [query, key] probabilities, the largest tensor of a long input.
     # The row maximum only keeps exp in range: softmax does not depend on it, so its derivative
@@ -270,7 +278,7 @@ class BartAttention(nn.Module):
             mask = _beam_major(mask, batch, beams) if mask.shape[0] == rows else mask[:, :, None]
         written = cache_index + query_length
 
-        def attend(length, drop):
+        def attend(length, rate, rng):
             """Attention over cache positions [0, length): -> (output [batch, heads, beams * t, head_dim],
             weights [batch, heads, beams, t, max_length])."""
             slots = length * beams
@@ -283,12 +291,11 @@ class BartAttention(nn.Module):
             # cache), weigh exactly nothing, even in a fully masked row.
             owner = (ancestors[:, :, :length, None] == jnp.arange(beams)) & (jnp.arange(length) < written)[:, None]
             scores = jnp.where(owner[:, None, :, None], scores, -jnp.inf)
-            weights = jax.nn.softmax(scores.reshape(batch, heads, beams * query_length, slots), axis=-1)
+            output, weights = weigh_values(scores.reshape(batch, heads, beams * query_length, slots),
+                                           from_storage(value[:, :, :slots]), self.dtype, rate, rng)
             if layer_head_mask is not None:
                 weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
-            output = jnp.einsum("bhqn,bhnd->bhqd", drop(weights).astype(self.dtype),
-                                from_storage(value[:, :, :slots]).astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+                output = output * layer_head_mask[None, :, None, None].astype(output.dtype)
             weights = weights.reshape(batch, heads, beams, query_length, length, beams).sum(axis=-1)
             return output, jnp.pad(weights, [(0, 0)] * 4 + [(0, max_length - length)])
 
@@ -298,10 +305,9 @@ class BartAttention(nn.Module):
             chunk = max(CACHE_CHUNK, -(-max_length // MAX_CACHE_BRANCHES))
             lengths = [min(end, max_length) for end in range(chunk, max_length + chunk, chunk)]
             branch = jnp.clip((written - 1) // chunk, 0, len(lengths) - 1)
-            output, weights = lax.switch(branch, [lambda n=n: attend(n, lambda w: w) for n in lengths])
+            output, weights = lax.switch(branch, [lambda n=n: attend(n, 0.0, None) for n in lengths])
         else:
-            rng = self.make_rng("dropout")
-            output, weights = attend(max_length, lambda w: dropout(w, self.dropout, rng))
+            output, weights = attend(max_length, self.dropout, self.make_rng("dropout"))
         output = output.astype(self.dtype).reshape(batch, heads, beams, query_length, head_dim)
         output = output.transpose(0, 2, 3, 1, 4).reshape(rows, query_length, self.embed_dim)
         # Per position, for callers that return attentions: [rows, heads, t, max_length].

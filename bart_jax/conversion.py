@@ -193,6 +193,18 @@ def _listing(keys) -> str:
     return shown + (f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
 
 
+def _mismatches(missing, unexpected, wrong_shape, noun: str = "", missing_hint: str = "") -> str:
+    """'missing ...; unexpected ...; wrong shape ...' for the non-empty lists ('' if all are empty)."""
+    problems = []
+    if missing:
+        problems.append(f"missing{noun} {_listing(missing)}{missing_hint}")
+    if unexpected:
+        problems.append(f"unexpected{noun} {_listing(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shape {_listing(wrong_shape)}")
+    return "; ".join(problems)
+
+
 # --- validation -------------------------------------------------------------------------
 def check_head(head: str) -> None:
     if head not in HEADS:
@@ -221,7 +233,6 @@ def check_params(params: Params, config: BartConfig, head: str) -> None:
     _check_config(config)
     expected = traverse_util.flatten_dict(expected_flax_shapes(config, head), sep="/")
     found = traverse_util.flatten_dict(params, sep="/")
-    problems = []
     missing = [path for path in expected if path not in found]
     extra = [path for path in found if path not in expected]
     wrong = [
@@ -229,14 +240,9 @@ def check_params(params: Params, config: BartConfig, head: str) -> None:
         for path, value in found.items()
         if path in expected and tuple(np.shape(value)) != expected[path]
     ]
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if extra:
-        problems.append(f"unexpected {_listing(extra)}")
-    if wrong:
-        problems.append(f"wrong shape {_listing(wrong)}")
+    problems = _mismatches(missing, extra, wrong)
     if problems:
-        raise ValueError(f"parameters do not match {head} with this config: {'; '.join(problems)}")
+        raise ValueError(f"parameters do not match {head} with this config: {problems}")
 
 
 # --- Hugging Face -> Flax -----------------------------------------------------------------
@@ -359,16 +365,10 @@ def convert_hf_state_dict(
     for key in checkpoint.keys() - used:
         (unused if _belongs_to_absent_part(key, prefixed_shapes) else unexpected).append(original[key])
 
-    problems = []
-    if missing:
-        untied_hint = "" if config.tie_word_embeddings else " (tie_word_embeddings is false, so each is its own tensor)"
-        problems.append(f"missing tensors {_listing(missing)}{untied_hint}")
-    if unexpected:
-        problems.append(f"unexpected tensors {_listing(unexpected)}")
-    if wrong_shape:
-        problems.append(f"wrong shape {_listing(wrong_shape)}")
+    untied_hint = "" if config.tie_word_embeddings else " (tie_word_embeddings is false, so each is its own tensor)"
+    problems = _mismatches(missing, unexpected, wrong_shape, noun=" tensors", missing_hint=untied_hint)
     if problems:
-        raise ValueError(f"checkpoint does not match {head} with this config: {'; '.join(problems)}")
+        raise ValueError(f"checkpoint does not match {head} with this config: {problems}")
     if missing_head:
         raise ValueError(
             f"the checkpoint has no weights for the {head} head ({_listing(missing_head)}); to start "

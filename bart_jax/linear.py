@@ -122,4 +122,19 @@ class Linear(nn.Module):
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-        return dot_transposed(inputs, weight, self.dtype, bias).astype(self.dtype)
+        return self.multiply(inputs, weight, bias).astype(self.dtype)
+
+    def multiply(self, inputs: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
+        """float32 inputs @ weight.T (+ bias)."""
+        return dot_transposed(inputs, weight, self.dtype, bias)
+
+
+class VocabularyProjection(Linear):
+    """An LM head with its own weight [vocab, in] (untied embeddings), multiplied as
+    `vocabulary_product`; bias-free by default, as transformers' `lm_head`."""
+
+    use_bias: bool = False
+
+    def multiply(self, inputs: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
+        logits = vocabulary_product(inputs, weight, self.dtype)
+        return logits if bias is None else logits + bias.astype(jnp.float32)

@@ -29,7 +29,7 @@ from bart_jax import losses
 from bart_jax.attention import combine_masks, make_causal_mask, padding_mask
 from bart_jax.config import BartConfig
 from bart_jax.layers import BartDecoderLayer, BartEncoderLayer, layer_norm, remat_layer, run_layer_stack
-from bart_jax.linear import Linear, vocabulary_product
+from bart_jax.linear import Linear, VocabularyProjection, vocabulary_product
 from bart_jax.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqOutput
 from bart_jax.sharding import HIDDEN, LOGITS, constrain
 
@@ -376,8 +376,8 @@ class BartForConditionalGeneration(BartModule):
             "final_logits_bias", nn.initializers.zeros, (1, config.vocab_size), self.param_dtype
         )
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  weight_init=nn.initializers.normal(config.init_std))
+            self.lm_head = VocabularyProjection(config.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                                weight_init=nn.initializers.normal(config.init_std))
 
     def lm_logits(self, hidden_states: Array) -> Array:
         """hidden_states [..., d_model] -> logits [..., vocab] in the compute dtype."""
@@ -541,8 +541,8 @@ class BartForCausalLM(BartModule):
         config = self.config
         self.model = BartDecoderWrapper(config, self.dtype, self.param_dtype, self.scan_layers, self.remat_policy)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  weight_init=nn.initializers.normal(config.init_std))
+            self.lm_head = VocabularyProjection(config.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                                weight_init=nn.initializers.normal(config.init_std))
 
     def __call__(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                  inputs_embeds=None, head_mask=None, cross_attn_head_mask=None, labels=None, cache=None,
@@ -566,13 +566,9 @@ class BartForCausalLM(BartModule):
         )
 
 
-HEADS = {
-    "BartModel": BartModel,
-    "BartForConditionalGeneration": BartForConditionalGeneration,
-    "BartForSequenceClassification": BartForSequenceClassification,
-    "BartForQuestionAnswering": BartForQuestionAnswering,
-    "BartForCausalLM": BartForCausalLM,
-}
+HEADS = {module.__name__: module for module in (
+    BartModel, BartForConditionalGeneration, BartForSequenceClassification, BartForQuestionAnswering, BartForCausalLM,
+)}
 
 
 def head_class(name: str) -> type[nn.Module]:

@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from hf_reference import HEADS, TOKENIZER_DIR, hf_model, save_hf_model
 
-from bart_jax import checkpoint_files, conversion, hub
+from bart_jax import checkpoint_files, conversion, hub, modeling
 from bart_jax.config import BartConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -94,6 +94,13 @@ def rebuilt(state_dict: dict, directory, config_source) -> pathlib.Path:
 
 
 # --- round trips, all heads -----------------------------------------------------------------
+def test_conversion_and_modeling_know_the_heads_transformers_has():
+    assert set(conversion.HEADS) == set(HEADS), f"conversion.HEADS {conversion.HEADS} != transformers' {HEADS}"
+    assert set(modeling.HEADS) == set(HEADS), f"modeling.HEADS {sorted(modeling.HEADS)} != transformers' {HEADS}"
+    for name in HEADS:
+        assert hasattr(transformers, name), f"transformers has no {name}"
+
+
 @pytest.mark.parametrize("head", HEADS)
 def test_converted_params_have_the_shapes_the_config_implies(converted, head):
     config, params = converted[head]
