@@ -92,6 +92,22 @@ def test_seq2seq_fine_tuning_evaluates_checkpoints_and_exports_for_transformers(
     np.testing.assert_array_equal(np.asarray(ours.params["final_logits_bias"]), initial)
 
 
+def test_rematerialised_training_trains_and_generates_as_plain_training(tiny_model_dir, tmp_path, capsys):
+    runs = {}
+    for policy in ("none", "full"):
+        output_dir = tmp_path / policy
+        run_cli(seq2seq_arguments(tiny_model_dir, output_dir, "--validation_file", XSUM_VALIDATION, "--max_steps", "2",
+                                  "--max_eval_samples", "4", "--predict_with_generate", "--num_beams", "2",
+                                  "--val_max_target_length", "8", "--remat_policy", policy), capsys)
+        runs[policy] = (safetensors.numpy.load_file(str(output_dir / "model" / "params.safetensors")),
+                        [entry for entry in read_metrics(output_dir) if "eval_loss" in entry][-1])
+    (plain, plain_eval), (remat, remat_eval) = runs["none"], runs["full"]
+    for name in plain:
+        np.testing.assert_allclose(remat[name], plain[name], atol=1e-6, err_msg=f"{name}: rematerialised run differs")
+    assert remat_eval["eval_gen_len"] == plain_eval["eval_gen_len"], (remat_eval, plain_eval)
+    assert remat_eval["eval_loss"] == pytest.approx(plain_eval["eval_loss"], abs=1e-6), (remat_eval, plain_eval)
+
+
 def _sentiment_csv(path, count, seed):
     rng = np.random.default_rng(seed)
     good, bad = ["great", "excellent", "wonderful", "superb"], ["awful", "terrible", "horrible", "dreadful"]

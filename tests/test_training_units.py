@@ -336,6 +336,8 @@ def test_recipe_then_command_line(tmp_path):
         parse_arguments(["--output_dir", "o", "--train_file", "t"])
     with pytest.raises(ValueError, match="task must be one of"):
         TrainingArguments(output_dir="o", task="translate")
+    with pytest.raises(ValueError, match="remat_policy must be one of none, full"):
+        TrainingArguments(output_dir="o", remat_policy="sometimes")
 
 
 def test_shipped_recipes_are_valid():

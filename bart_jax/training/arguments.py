@@ -12,6 +12,7 @@ import os
 import typing
 from typing import Optional, Sequence
 
+from bart_jax.layers import REMAT_POLICIES
 from bart_jax.training import recipes
 
 TASKS = ("denoise", "seq2seq", "classify", "qa")
@@ -41,6 +42,9 @@ class TrainingArguments:
         default=None, metadata={"help": "tokenizer directory (default: the model's or config's directory)"})
     dtype: str = dataclasses.field(
         default="float32", metadata={"help": "computation dtype (float32 or bfloat16); weights stay float32"})
+    remat_policy: str = dataclasses.field(
+        default="none", metadata={"help": "recompute layer activations in the backward pass to save memory: "
+                                          f"{', '.join(REMAT_POLICIES)}"})
     # --- data ------------------------------------------------------------------------------------
     train_file: Optional[str] = dataclasses.field(
         default=None, metadata={"help": ".jsonl/.json/.csv/.tsv/.parquet file or saved dataset directory"})
@@ -126,6 +130,8 @@ class TrainingArguments:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}")
         if self.report_to not in ("none", "tensorboard"):
             raise ValueError(f"report_to must be none or tensorboard, got {self.report_to!r}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -171,7 +177,7 @@ class TrainingArguments:
 
 # Options that may differ when a run is resumed: they do not change what is trained.
 RESUMABLE_CHANGES = (
-    "output_dir", "overwrite_output_dir", "validation_file", "per_device_eval_batch_size", "max_eval_samples",
+    "output_dir", "remat_policy", "overwrite_output_dir", "validation_file", "per_device_eval_batch_size", "max_eval_samples",
     "eval_steps", "predict_with_generate", "num_beams", "val_max_target_length", "max_answer_length",
     "version_2_with_negative", "null_score_diff_threshold", "logging_steps", "save_steps", "save_total_limit",
     "async_checkpointing", "report_to", "disable_tqdm",

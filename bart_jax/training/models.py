@@ -118,8 +118,9 @@ def pretrained_params(directory: str, config: BartConfig, head: str, module: Any
 
 def load_training_model(model_name_or_path: Optional[str], config_name: Optional[str], task_head: str,
                         config_changes: dict[str, Any], dtype: str, tokenizer_name: Optional[str],
-                        rng: jax.Array) -> TrainingModel:
-    """The head to train, from a checkpoint (`model_name_or_path`) or from scratch (`config_name`)."""
+                        rng: jax.Array, remat_policy: str = "none") -> TrainingModel:
+    """The head to train, from a checkpoint (`model_name_or_path`) or from scratch (`config_name`).
+    `remat_policy`: the layers' rematerialisation (bart_jax.layers.REMAT_POLICIES)."""
     if model_name_or_path:
         directory = resolve_model_directory(model_name_or_path)
         config = BartConfig.from_pretrained(directory)
@@ -129,7 +130,8 @@ def load_training_model(model_name_or_path: Optional[str], config_name: Optional
         config = config.replace(**config_changes)
     except (TypeError, ValueError) as error:
         raise ValueError(f"invalid config change {config_changes}: {error}") from None
-    module = head_class(task_head)(config, dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
+    module = head_class(task_head)(config, dtype=jnp.dtype(dtype), param_dtype=jnp.float32,
+                                   remat_policy=remat_policy)
     if model_name_or_path:
         params = pretrained_params(directory, config, task_head, module, rng)
     else:
