@@ -42,6 +42,9 @@ class TrainingArguments:
         default=None, metadata={"help": "tokenizer directory (default: the model's or config's directory)"})
     dtype: str = dataclasses.field(
         default="float32", metadata={"help": "computation dtype (float32 or bfloat16); weights stay float32"})
+    scan_layers: bool = dataclasses.field(
+        default=False, metadata={"help": "run each layer stack as one scan over stacked weights (faster compilation; "
+                                         "checkpoints hold the stacked layout, the exported model does not)"})
     remat_policy: str = dataclasses.field(
         default="none", metadata={"help": "recompute layer activations in the backward pass to save memory: "
                                           f"{', '.join(REMAT_POLICIES)}"})

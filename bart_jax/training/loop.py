@@ -165,7 +165,7 @@ def _set_up(arguments: TrainingArguments, batch_size: int, init_key: jax.Array) 
         config_changes.update(id2label=dict(enumerate(scheme.names)), problem_type=scheme.problem_type)
     model = load_training_model(arguments.model_name_or_path, arguments.config_name, TASK_HEADS[task],
                                 config_changes, arguments.dtype, arguments.tokenizer_name, init_key,
-                                arguments.remat_policy)
+                                arguments.remat_policy, arguments.scan_layers)
     _check_lengths(arguments, model.config)
     train_data = build_task_data(arguments, train_records, model.tokenizer, scheme, arguments.seed,
                                  arguments.train_file)

@@ -35,7 +35,7 @@ class TrainingModel:
     config: BartConfig
     head: str
     module: Any  # the head module, computing in the training dtype
-    params: Any  # float32 parameters
+    params: Any  # float32 parameters (layers stacked when module.scan_layers)
     tokenizer: BartTokenizer
     generation_config: Optional[GenerationConfig]
     source: str  # directory whose side files (generation config) are exported with the model
@@ -118,9 +118,10 @@ def pretrained_params(directory: str, config: BartConfig, head: str, module: Any
 
 def load_training_model(model_name_or_path: Optional[str], config_name: Optional[str], task_head: str,
                         config_changes: dict[str, Any], dtype: str, tokenizer_name: Optional[str],
-                        rng: jax.Array, remat_policy: str = "none") -> TrainingModel:
+                        rng: jax.Array, remat_policy: str = "none", scan_layers: bool = False) -> TrainingModel:
     """The head to train, from a checkpoint (`model_name_or_path`) or from scratch (`config_name`).
-    `remat_policy`: the layers' rematerialisation (bart_jax.layers.REMAT_POLICIES)."""
+    `remat_policy`: the layers' rematerialisation (bart_jax.layers.REMAT_POLICIES); `scan_layers`:
+    each layer stack as one `nn.scan`, its parameters stacked (`conversion.stack_layers`)."""
     if model_name_or_path:
         directory = resolve_model_directory(model_name_or_path)
         config = BartConfig.from_pretrained(directory)
@@ -131,9 +132,10 @@ def load_training_model(model_name_or_path: Optional[str], config_name: Optional
     except (TypeError, ValueError) as error:
         raise ValueError(f"invalid config change {config_changes}: {error}") from None
     module = head_class(task_head)(config, dtype=jnp.dtype(dtype), param_dtype=jnp.float32,
-                                   remat_policy=remat_policy)
+                                   scan_layers=scan_layers, remat_policy=remat_policy)
     if model_name_or_path:
         params = pretrained_params(directory, config, task_head, module, rng)
+        params = conversion.stack_layers(params) if scan_layers else params
     else:
         params = initial_params(module, rng)
     tokenizer_directory = tokenizer_name or directory
@@ -155,6 +157,7 @@ def export_model(model: TrainingModel, params: Any, output_dir: str) -> tuple[st
     Returns (converted directory, transformers directory).
     """
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    params = conversion.unstack_layers(params) if model.module.scan_layers else params
     directories = (os.path.join(output_dir, MODEL_DIR), os.path.join(output_dir, HF_MODEL_DIR))
     checkpoint_files.save_converted(params, model.config, model.head, directories[0], copy_files_from=model.source)
     checkpoint_files.save_hf_directory(params, model.config, model.head, directories[1], copy_files_from=model.source)
