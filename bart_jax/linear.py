@@ -82,8 +82,8 @@ def _weight_by_rows_plus_bias(rows: jax.Array, weight: jax.Array, bias: jax.Arra
 
     XLA's CPU matmul reads a float32 weight about twice as fast when the weight's rows are the
     product's long side and the few input rows its short side (bart-base's fc1 + fc2 with 8 rows:
-    5.6 ms against 11.4 ms for six layers; 1.5x with 32 rows, 1.2x with 128, slower from ~192; bfloat16
-    products are 3-5x slower that way). The bias is added before transposing back because XLA
+    5.6 ms against 11.4 ms for six layers; 1.5x with 32 rows, 1.2x with 128, slower from ~192;
+    bfloat16 products are 3-5x slower that way). The bias is added before transposing back because XLA
     folds a transpose that directly follows the product into the product, undoing the order.
     """
     outputs = lax.dot_general(weight, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -180,10 +180,10 @@ class TrainingArguments:
 
 # Options that may differ when a run is resumed: they do not change what is trained.
 RESUMABLE_CHANGES = (
-    "output_dir", "remat_policy", "overwrite_output_dir", "validation_file", "per_device_eval_batch_size", "max_eval_samples",
+    "output_dir", "overwrite_output_dir", "validation_file", "per_device_eval_batch_size", "max_eval_samples",
     "eval_steps", "predict_with_generate", "num_beams", "val_max_target_length", "max_answer_length",
     "version_2_with_negative", "null_score_diff_threshold", "logging_steps", "save_steps", "save_total_limit",
-    "async_checkpointing", "report_to", "disable_tqdm",
+    "async_checkpointing", "report_to", "disable_tqdm", "remat_policy",
 )
 PATH_OPTIONS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file")
 
