@@ -28,9 +28,10 @@ Array = jax.Array
 Dtype = Any
 
 # Decoding reads the cache in chunks of at least CACHE_CHUNK positions, with at most
-# MAX_CACHE_BRANCHES prefix lengths compiled (see `BartAttention._attend_cache`).
+# MAX_CACHE_BRANCHES prefix lengths compiled (see `BartAttention._attend_cache`). Five compile
+# ~0.4 s faster than ten for bart-base W1 (142 positions), with no measurable cost in run time.
 CACHE_CHUNK = 16
-MAX_CACHE_BRANCHES = 10
+MAX_CACHE_BRANCHES = 5
 # Attention over at least this many queries per batch element runs element by element on CPU
 # (see `attends_per_example`); a decoder over 128 targets in training gained nothing from it.
 PER_EXAMPLE_MIN_QUERIES = 256
