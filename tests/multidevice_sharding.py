@@ -216,17 +216,17 @@ def test_generation_equals_unsharded(preset, num_beams):
 
 # --- training -------------------------------------------------------------------------------------------
 def training(module, params):
-    """(train_step, initial state) from bart_jax.training: AdamW, warmup, clipping, weight decay."""
+    """(train_step, optimizer) from bart_jax.training: AdamW, warmup, clipping, weight decay."""
     from bart_jax.training.objectives import make_objective
     from bart_jax.training.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
-    from bart_jax.training.train_step import create_train_state, make_train_step
+    from bart_jax.training.train_step import make_train_step
 
     # Moderate steps: the key projections' bias has a zero gradient up to rounding (softmax
     # ignores a constant shift), which Adam would amplify into rounding-level differences.
     schedule = learning_rate_schedule(1e-3, total_steps=10, warmup_steps=1)
     optimizer = make_optimizer(params, schedule, weight_decay=0.01)
     step = make_train_step(make_objective(module, "seq2seq"), optimizer, trainable_mask(params), schedule)
-    return step, create_train_state(params, optimizer)
+    return step, optimizer
 
 
 def train_batches(count=2, accumulation=2):
@@ -252,19 +252,25 @@ def run_steps(step_fn, state, batches):
 
 @functools.lru_cache(maxsize=None)
 def reference_training():
+    from bart_jax.training.train_step import create_train_state
+
     module, params = model()
-    train_step, state = training(module, params)
-    return run_steps(jax.jit(train_step), state, train_batches())[0]
+    train_step, optimizer = training(module, params)
+    return run_steps(jax.jit(train_step), create_train_state(params, optimizer), train_batches())[0]
 
 
 @pytest.mark.parametrize("preset", ["fsdp", "tensor"])
 def test_train_steps_equal_unsharded(preset):
+    from bart_jax.training.train_step import compile_train_step
+
     mesh = sharding.preset_mesh(preset)
     module, params = model()
-    train_step, state = training(module, params)
-    sharded_step = sharding.jit_train_step(train_step, mesh, state, batch_axis=1)
-    history, final = run_steps(sharded_step, sharding.put_sharded(state, sharded_step.state_shardings),
-                               train_batches())
+    train_step, optimizer = training(module, params)
+    # As the training loop does: the optimizer state is created already split over the mesh.
+    sharded_step, state = compile_train_step(train_step, params, optimizer, mesh)
+    assert jax.tree_util.tree_map(lambda leaf: leaf.sharding, state) == sharded_step.state_shardings, \
+        f"{preset}: the initial state is not placed as the step expects"
+    history, final = run_steps(sharded_step, state, train_batches())
     moved = max(np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree_util.tree_leaves(history[-1][0].params),
                                                                  jax.tree_util.tree_leaves(params)))
     assert moved > 1e-4, f"the steps barely changed the parameters ({moved:.3g})"
@@ -283,6 +289,8 @@ def test_train_steps_equal_unsharded(preset):
 
 # --- scan over layers, remat ---------------------------------------------------------------------------
 def test_scanned_rematerialised_model_trains_like_the_unrolled_one_when_sharded():
+    from bart_jax.training.train_step import compile_train_step
+
     mesh = sharding.preset_mesh("data+fsdp+tensor")
     scanned, stacked = model(scan_layers=True, remat_policy="full")
     shardings = sharding.tree_shardings(stacked, mesh)
@@ -292,9 +300,9 @@ def test_scanned_rematerialised_model_trains_like_the_unrolled_one_when_sharded(
     assert_trees_close("scanned forward", reference_forward(), forward(sharding.shard_params(stacked, mesh),
                                                                        make_batch()))
 
-    train_step, state = training(scanned, stacked)
-    sharded_step = sharding.jit_train_step(train_step, mesh, state, batch_axis=1)
-    history, _ = run_steps(sharded_step, sharding.put_sharded(state, sharded_step.state_shardings), train_batches())
+    train_step, optimizer = training(scanned, stacked)
+    sharded_step, state = compile_train_step(train_step, stacked, optimizer, mesh)
+    history, _ = run_steps(sharded_step, state, train_batches())
     assert_trees_close("scanned, rematerialised train steps", reference_training()[-1][0].params,
                        conversion.unstack_layers(history[-1][0].params))
 

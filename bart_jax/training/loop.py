@@ -40,7 +40,6 @@ from bart_jax.training.optimizer import learning_rate_schedule, make_optimizer, 
 from bart_jax.training.train_step import (
     compile_eval_step,
     compile_train_step,
-    create_train_state,
     make_eval_step,
     make_train_step,
 )
@@ -203,7 +202,7 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
     objective = make_objective(model.module, arguments.task, arguments.label_smoothing_factor)
     mesh = preset_mesh(arguments.mesh) if arguments.mesh else None
     step_function = make_train_step(objective, optimizer, trainable_mask(model.params), schedule)
-    train_step, state = compile_train_step(step_function, create_train_state(model.params, optimizer), mesh)
+    train_step, state = compile_train_step(step_function, model.params, optimizer, mesh)
     eval_step = compile_eval_step(make_eval_step(objective), state.params, mesh)
 
     checkpointer = checkpointing.Checkpointer(arguments.output_dir, arguments.save_total_limit,

@@ -82,22 +82,30 @@ def make_eval_step(objective: Objective) -> Callable:
     return eval_step
 
 
-def compile_train_step(train_step: Callable, state: TrainState, mesh: Optional[Any] = None
-                       ) -> tuple[Callable, TrainState]:
-    """The jitted train step and the state placed where it runs; the state's buffers are donated.
+def compile_train_step(train_step: Callable, params: Any, optimizer: optax.GradientTransformation,
+                       mesh: Optional[Any] = None) -> tuple[Callable, TrainState]:
+    """The jitted train step and the initial state (`create_train_state`) placed where it runs; the
+    state's buffers are donated.
 
     The one place the step is compiled. Without a mesh: one device, and the state is committed
     to it as a restored checkpoint is, so that a fresh and a resumed run compile the same program.
     With a `jax.sharding.Mesh` (bart_jax.sharding): params and optimizer state are split by the
-    sharding rules and the micro-batches over the batch axes.
+    sharding rules and the micro-batches over the batch axes; the parameters are placed shard by
+    shard and the optimizer state is created already split, so neither is ever whole on one device.
     """
+    def initial_state(params):
+        return create_train_state(params, optimizer)
+
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=(0,)), jax.device_put(state, jax.devices()[0])
+        return jax.jit(train_step, donate_argnums=(0,)), jax.device_put(initial_state(params), jax.devices()[0])
     from bart_jax import sharding
 
     # BART's vocabulary (50265) splits over no mesh axis: such dimensions stay whole on every device.
-    jitted = sharding.jit_train_step(train_step, mesh, state, batch_axis=1, indivisible="replicate")
-    return jitted, sharding.put_sharded(state, jitted.state_shardings)
+    jitted = sharding.jit_train_step(train_step, mesh, jax.eval_shape(initial_state, params), batch_axis=1,
+                                     indivisible="replicate")
+    shardings = jitted.state_shardings
+    placed = sharding.put_sharded(params, shardings.params)
+    return jitted, jax.jit(initial_state, out_shardings=shardings)(placed)
 
 
 def compile_eval_step(eval_step: Callable, params: Any, mesh: Optional[Any] = None) -> Callable:
