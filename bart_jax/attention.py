@@ -234,9 +234,7 @@ class BartAttention(nn.Module):
             _, weights = softmax_attention(query, key, value, mask, self.dtype)
         else:
             output, weights = softmax_attention(query, key, value, mask, self.dtype, rate, dropout_rng)
-        if layer_head_mask is not None:
-            weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
-            output = output * layer_head_mask[None, :, None, None].astype(output.dtype)
+        output, weights = _mask_heads(output, weights, layer_head_mask)
         output = output.astype(self.dtype)
         output = output.reshape(batch, heads, groups, query_length, head_dim).transpose(0, 2, 3, 1, 4)
         output = self.out_proj(output.reshape(rows, query_length, self.embed_dim))
@@ -294,9 +292,7 @@ class BartAttention(nn.Module):
             scores = jnp.where(owner[:, None, :, None], scores, -jnp.inf)
             output, weights = weigh_values(scores.reshape(batch, heads, beams * query_length, slots),
                                            from_storage(value[:, :, :slots]), self.dtype, rate, rng)
-            if layer_head_mask is not None:
-                weights = weights * layer_head_mask[None, :, None, None].astype(weights.dtype)
-                output = output * layer_head_mask[None, :, None, None].astype(output.dtype)
+            output, weights = _mask_heads(output, weights, layer_head_mask)
             weights = weights.reshape(batch, heads, beams, query_length, length, beams).sum(axis=-1)
             return output, jnp.pad(weights, [(0, 0)] * 4 + [(0, max_length - length)])
 
@@ -314,6 +310,15 @@ class BartAttention(nn.Module):
         # Per position, for callers that return attentions: [rows, heads, t, max_length].
         weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, heads, query_length, max_length)
         return self.out_proj(output), weights, new_cache
+
+
+def _mask_heads(output: Array, weights: Array, layer_head_mask: Optional[Array]) -> tuple[Array, Array]:
+    """output [batch, heads, q, head_dim] and weights [batch, heads, q, k] scaled per head by
+    `layer_head_mask` [heads] (unchanged without one)."""
+    if layer_head_mask is None:
+        return output, weights
+    per_head = layer_head_mask[None, :, None, None]
+    return output * per_head.astype(output.dtype), weights * per_head.astype(weights.dtype)
 
 
 def _beam_major(mask: Array, batch: int, beams: int) -> Array:

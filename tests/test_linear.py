@@ -1,4 +1,4 @@
-"""The products of bart_jax/linear.py: values and gradients of the low-precision product."""
+"""The products of bart_jax/linear.py: values and gradients of the weight-first and low-precision products."""
 
 from __future__ import annotations
 
