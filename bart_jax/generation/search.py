@@ -27,6 +27,7 @@ from jax import lax
 
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.logits_processors import LogitsProcessor, build_logits_processors, chain, divide
+from bart_jax.generation.top_k import top_k
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any, Array], tuple[Array, Any]]
@@ -220,11 +221,11 @@ def beam_search(
         if config.do_sample:
             # Gumbel top-k draws `keep` candidates without replacement from softmax(log_probs).
             key = jax.random.fold_in(prng_key, cur_len)
-            _, drawn = lax.top_k(log_probs + jax.random.gumbel(key, log_probs.shape), keep)  # [batch, keep]
+            _, drawn = top_k(log_probs + jax.random.gumbel(key, log_probs.shape), keep)  # [batch, keep]
             topk_scores, order = lax.top_k(jnp.take_along_axis(log_probs, drawn, axis=1), keep)  # [batch, keep]
             topk_indices = jnp.take_along_axis(drawn, order, axis=1)  # [batch, keep]
         else:
-            topk_scores, topk_indices = lax.top_k(log_probs, keep)  # [batch, keep]
+            topk_scores, topk_indices = top_k(log_probs, keep)  # [batch, keep]
         topk_source_beams = topk_indices // vocab  # [batch, keep]
         topk_tokens = (topk_indices % vocab).astype(jnp.int32)  # [batch, keep]
         topk_sequences = _gather_beams(state.running_sequences, topk_source_beams)  # [batch, keep, max_length]
