@@ -33,9 +33,9 @@ WEIGHT_SCALE = 0.7  # init_std: large enough that the output depends on the inpu
 
 
 @functools.lru_cache(maxsize=None)
-def models():
+def models(vocab_size: int = VOCAB, seed: int = 0):
     """(transformers model, our module, our params)."""
-    model = hf_model("BartForConditionalGeneration", seed=0, init_std=WEIGHT_SCALE)
+    model = hf_model("BartForConditionalGeneration", seed=seed, init_std=WEIGHT_SCALE, vocab_size=vocab_size)
     with torch.no_grad():
         model.final_logits_bias[0, EOS] += EOS_LOGIT_BIAS
     config = BartConfig.from_dict(model.config.to_dict())
@@ -258,20 +258,14 @@ def test_beam_search_over_a_large_vocabulary_matches_transformers():
 
     beams = 4
     assert -(-beams * LARGE_VOCAB // top_k.BLOCK) >= top_k.MIN_BLOCKS_PER_K * 2 * beams, "blocked path not taken"
-    model = hf_model("BartForConditionalGeneration", seed=3, init_std=WEIGHT_SCALE, vocab_size=LARGE_VOCAB)
-    with torch.no_grad():
-        model.final_logits_bias[0, EOS] += EOS_LOGIT_BIAS
-    config = BartConfig.from_dict(model.config.to_dict())
-    state = {key: value.detach().numpy() for key, value in model.state_dict().items()}
-    params = jax.tree_util.tree_map(jnp.asarray, hf_to_flax(state, config, "BartForConditionalGeneration"))
+    model, module, params = models(LARGE_VOCAB, seed=3)
     input_ids, attention_mask = random_batch(LARGE_VOCAB, batch=3, length=11, seed=4)
     options = dict(num_beams=beams, num_return_sequences=2, length_penalty=2.0, no_repeat_ngram_size=3,
                    early_stopping=True, forced_bos_token_id=0, forced_eos_token_id=2, min_length=4, max_length=14)
     with torch.no_grad():
         reference = model.generate(torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask),
                                    return_dict_in_generate=True, output_scores=True, **options)
-    ours = generate(BartForConditionalGeneration(config), params, input_ids, attention_mask, return_scores=True,
-                    **options)
+    ours = generate(module, params, input_ids, attention_mask, return_scores=True, **options)
     expected, sequences = reference.sequences.numpy(), np.asarray(ours.sequences)
     assert sequences.shape == expected.shape and np.array_equal(sequences, expected), (
         f"ids differ\nours:\n{sequences}\ntransformers:\n{expected}")
