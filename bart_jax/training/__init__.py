@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     import logging
     import sys
 
+    from bart_jax.host_memory import keep_freed_host_memory
+
     # Only bart_jax's messages at INFO: orbax and jax log a lot at that level.
     package_logger = logging.getLogger("bart_jax")
     if not package_logger.handlers:
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
         package_logger.addHandler(handler)
         package_logger.setLevel(logging.INFO)
         package_logger.propagate = False
+    keep_freed_host_memory()
     try:
         arguments = parse_arguments(argv)
         results = train(arguments)
