@@ -27,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -307,12 +307,15 @@ def worker_environment(huge_pages: bool):
             os.environ["GLIBC_TUNABLES"] = previous
 
 
-def worker(name: str, setup: Setup, connection) -> None:
-    """Runs one system: answers ("run", workload) with timing, tokens and peak memory."""
-    if name.startswith("bart_jax"):
+def worker(name: str, setup: Setup, training: bool, connection) -> None:
+    """Runs one system: answers ("run", workload) with timing, tokens and peak memory.
+
+    A training worker (W4) of bart_jax's starts as train.py does (`bart_jax.host_memory`).
+    """
+    if training and name.startswith("bart_jax"):
         from bart_jax.host_memory import keep_freed_host_memory
 
-        keep_freed_host_memory()  # as bart_jax's programs run (`bart-jax summarize`, train.py)
+        keep_freed_host_memory()
     try:
         began = time.perf_counter()
         system = make_system(name, setup)
@@ -330,6 +333,30 @@ def worker(name: str, setup: Setup, connection) -> None:
         elapsed = time.perf_counter() - began
         peak_mib = peak_memory_mib()
         connection.send((elapsed, None if tokens is None else tokens.tolist(), peak_mib))
+
+
+def start_workers(systems: Sequence[str], setup: Setup, training: bool, huge_pages: bool) -> dict:
+    """{name: (process, connection)} of the `systems` that could start (the others reported)."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for name in systems:
+        parent, child = context.Pipe()
+        process = context.Process(target=worker, args=(name, setup, training, child), daemon=True)
+        with worker_environment(huge_pages):
+            process.start()
+        status, detail = parent.recv()
+        if status != "ready":
+            print(f"{name}: unavailable ({detail})", file=sys.stderr)
+            process.join()
+            continue
+        workers[name] = (process, parent)
+    return workers
+
+
+def stop_workers(workers: dict) -> None:
+    for process, connection in workers.values():
+        connection.send(None)
+        process.join(timeout=10)
 
 
 # --- preparing the weights ----------------------------------------------------------------
@@ -382,21 +409,16 @@ def run(args, on_workload=None) -> list[dict]:
                   args.seed, args.threads)
     config = prepare_model(args.shape, workdir, args.seed, args.configs_dir, args.tokenizer_dir)
     peak = matmul_peak_gflops()
-    context = multiprocessing.get_context("spawn")
-    workers = {}
-    for name in args.systems:
-        parent, child = context.Pipe()
-        process = context.Process(target=worker, args=(name, setup, child), daemon=True)
-        with worker_environment(args.huge_pages):
-            process.start()
-        status, detail = parent.recv()
-        if status != "ready":
-            print(f"{name}: unavailable ({detail})", file=sys.stderr)
-            process.join()
-            continue
-        workers[name] = (process, parent)
-    results = []
+    # Generation (W1-W3) and training (W4) run in workers of their own, as in use: a program
+    # summarizes or trains. The generation workers end before training ones start.
+    workers, training, results = {}, None, []
     for workload in args.workloads:
+        if training != (workload == "W4"):
+            stop_workers(workers)
+            training = workload == "W4"
+            systems = [name for name in args.systems
+                       if any(w in SUPPORTS[name] and (w == "W4") == training for w in args.workloads)]
+            workers = start_workers(systems, setup, training, args.huge_pages)
         active = [name for name in workers if workload in SUPPORTS[name]]
         first, times, tokens, memory = {}, {name: [] for name in active}, {}, {}
 
@@ -446,9 +468,7 @@ def run(args, on_workload=None) -> list[dict]:
             row["speedup"] = {other["system"]: other["median_s"] / row["median_s"] for other in rows}
         if on_workload is not None:
             on_workload(rows)
-    for process, connection in workers.values():
-        connection.send(None)
-        process.join(timeout=10)
+    stop_workers(workers)
     shutil.rmtree(workdir, ignore_errors=True)
     return results
 

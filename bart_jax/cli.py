@@ -244,9 +244,6 @@ def run_bench(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from bart_jax.host_memory import keep_freed_host_memory
-
-    keep_freed_host_memory()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
         from bart_jax.conversion_cli import main as convert_main
