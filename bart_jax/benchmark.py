@@ -416,8 +416,8 @@ def run(args, on_workload=None) -> list[dict]:
         if training != (workload == "W4"):
             stop_workers(workers)
             training = workload == "W4"
-            systems = [name for name in args.systems
-                       if any(w in SUPPORTS[name] and (w == "W4") == training for w in args.workloads)]
+            phase = {w for w in args.workloads if (w == "W4") == training}
+            systems = [name for name in args.systems if phase & set(SUPPORTS[name])]
             workers = start_workers(systems, setup, training, args.huge_pages)
         active = [name for name in workers if workload in SUPPORTS[name]]
         first, times, tokens, memory = {}, {name: [] for name in active}, {}, {}
