@@ -1,4 +1,5 @@
-"""bart_jax.generation.top_k.top_k: exactly lax.top_k's values and indices, ties included."""
+"""bart_jax.generation.top_k: top_k exactly lax.top_k's values and indices, argmax exactly
+jnp.argmax's indices, ties (and NaN) included."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from jax import lax
 
 from bart_jax.generation import top_k as top_k_module
-from bart_jax.generation.top_k import top_k
+from bart_jax.generation.top_k import argmax, top_k
 
 
 def rows_with_ties(rows: int, length: int, seed: int) -> np.ndarray:
@@ -50,3 +51,18 @@ def test_short_rows_use_lax_top_k():
         expected = lax.top_k(jnp.asarray(values), k)
         ours = top_k(jnp.asarray(values), k)
         np.testing.assert_array_equal(np.asarray(ours[1]), np.asarray(expected[1]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_argmax_equals_jnp_argmax(seed):
+    rng = np.random.default_rng(seed)
+    ties = rows_with_ties(5, 1000, seed)
+    ties[0] = -np.inf  # a fully masked row: index 0
+    with_nan = rng.standard_normal((4, 1000)).astype(np.float32)
+    with_nan[1, [7, 300]] = np.nan  # the first NaN wins, as in jnp.argmax
+    with_nan[2, 999] = np.nan
+    for values in (ties, with_nan, rng.standard_normal((3, 50265)).astype(np.float32)):
+        expected = np.asarray(jnp.argmax(jnp.asarray(values), axis=-1))
+        ours = jax.jit(argmax)(jnp.asarray(values))
+        assert ours.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(ours), expected, err_msg=f"argmax of rows {values[:, :6]}...")

@@ -27,7 +27,7 @@ from jax import lax
 
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.logits_processors import LogitsProcessor, build_logits_processors, chain, divide
-from bart_jax.generation.top_k import top_k
+from bart_jax.generation.top_k import argmax, top_k
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any, Array], tuple[Array, Any]]
@@ -107,7 +107,7 @@ def sample_search(
             key = jax.random.fold_in(prng_key, cur_len)
             tokens = jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)  # [rows]
         else:
-            tokens = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [rows]
+            tokens = argmax(scores)  # [rows]
         if eos_ids:
             tokens = jnp.where(unfinished, tokens, pad)  # [rows]
         sequences = lax.dynamic_update_slice_in_dim(sequences, tokens[:, None], cur_len, axis=1)
