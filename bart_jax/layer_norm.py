@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bart_jax.parameters import checked_param
+
 Dtype = Any
 
 
@@ -45,8 +47,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         features = inputs.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        scale = checked_param(self, "scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = checked_param(self, "bias", nn.initializers.zeros, (features,), self.param_dtype)
         values = inputs.astype(jnp.float32)
         total, total_of_squares = sum_and_sum_of_squares(values)
         mean = total / features

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bart_jax.parameters import checked_param
+
 Dtype = Any
 
 # Up to this many rows (batch x beams x tokens), `vocabulary_product` multiplies weight-first.
@@ -118,10 +120,10 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        weight = self.param("weight", self.weight_init, (self.features, inputs.shape[-1]), self.param_dtype)
+        weight = checked_param(self, "weight", self.weight_init, (self.features, inputs.shape[-1]), self.param_dtype)
         bias = None
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+            bias = checked_param(self, "bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         return self.multiply(inputs, weight, bias).astype(self.dtype)
 
     def multiply(self, inputs: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:

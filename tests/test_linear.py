@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bart_jax.linear import WEIGHT_FIRST_ROWS, dot_transposed, low_precision_product
+from bart_jax.linear import WEIGHT_FIRST_ROWS, Linear, dot_transposed, low_precision_product
 
 
 @pytest.mark.parametrize("rows", [1, 8, WEIGHT_FIRST_ROWS, WEIGHT_FIRST_ROWS + 1])
@@ -67,3 +69,17 @@ def test_dot_transposed_gradients_close_to_float32_in_bfloat16():
         assert ours.dtype == jnp.float32, f"d {name}: gradient of float32 parameters is {ours.dtype}"
         np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), atol=0.05,
                                    err_msg=f"d {name}: bfloat16 gradient far from the float32 one")
+
+
+@pytest.mark.parametrize("name, shape", [("weight", (40, 25)), ("bias", (41,))])
+def test_given_parameter_of_another_shape_is_refused_by_name(name, shape):
+    # Linear checks given parameters' shapes itself (bart_jax/parameters.py), not through flax.
+    module = Linear(40)
+    inputs = jnp.ones((2, 24))
+    params = module.init(jax.random.PRNGKey(0), inputs)["params"]
+    assert params["weight"].shape == (40, 24) and params["bias"].shape == (40,)
+    np.testing.assert_allclose(np.asarray(module.apply({"params": params}, inputs)),
+                               np.asarray(inputs @ params["weight"].T + params["bias"]), atol=1e-5)
+    wrong = dict(params, **{name: jnp.zeros(shape)})
+    with pytest.raises(ValueError, match=re.escape(f"parameter {name} has shape {shape}, expected")):
+        module.apply({"params": wrong}, inputs)
