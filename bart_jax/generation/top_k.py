@@ -4,7 +4,7 @@ XLA's CPU top-k walks all of a row's entries one by one (bart-base beam search: 
 per step, about 3 ms). Taking the k best blocks by their maximum first, then the k best entries
 of those blocks, reads the row once in a vectorised reduction and sorts only k blocks' entries
 (a shorter last block is reduced on its own rather than padded: a pad is a copy of the row).
-Its argmax is a reduction over (value, index) pairs that XLA's CPU backend does not vectorise
+XLA's argmax is a reduction over (value, index) pairs that its CPU backend does not vectorise
 either (greedy search, [8, 50265]: about 0.9 ms a step); two vectorised reductions take 0.2 ms.
 """
 
