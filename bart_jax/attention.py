@@ -13,6 +13,7 @@ decoding step — the cache and the cross-attention keys/values — are never co
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -20,18 +21,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bart_jax.cache import from_storage, to_storage
+from bart_jax.cache import from_storage, to_storage, write_position
 from bart_jax.linear import Linear
 from bart_jax.sharding import KEYS, PER_HEAD, constrain, sharding_active
 
 Array = jax.Array
 Dtype = Any
 
-# Decoding reads the cache in chunks of at least CACHE_CHUNK positions, with at most
-# MAX_CACHE_BRANCHES prefix lengths compiled (see `BartAttention._attend_cache`). Five compile
-# ~0.4 s faster than ten for bart-base W1 (142 positions), with no measurable cost in run time.
-CACHE_CHUNK = 16
-MAX_CACHE_BRANCHES = 5
 # Attention over at least this many queries per batch element runs element by element on CPU
 # (see `attends_per_example`); a decoder over 128 targets in training gained nothing from it.
 PER_EXAMPLE_MIN_QUERIES = 256
@@ -107,13 +103,20 @@ def weigh_values(scores: Array, value: Array, dtype: Dtype, dropout_rate: float 
     """
     # Softmax with its normalisation applied to the output rather than to the weights: one
     # pass less over the [query, key] probabilities, the largest tensor of a long input.
-    # The row maximum only keeps exp in range: softmax does not depend on it, so its derivative
-    # (an argmax mask XLA would keep for the backward pass) is left out.
-    unnormalized = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    unnormalized, total = _unnormalized_softmax(scores)
     dropped = dropout(unnormalized, dropout_rate, dropout_rng)
     output = _weights_times_values(dropped.astype(dtype), value.astype(dtype)) / total
     return output, unnormalized / total
+
+
+def _unnormalized_softmax(scores: Array) -> tuple[Array, Array]:
+    """(exp(scores - row maximum), its row sum [..., 1]) of float32 scores [..., k].
+
+    The row maximum only keeps exp in range: softmax does not depend on it, so its derivative
+    (an argmax mask XLA would keep for the backward pass) is left out.
+    """
+    unnormalized = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    return unnormalized, jnp.sum(unnormalized, axis=-1, keepdims=True)
 
 
 def _weights_times_values(weights: Array, value: Array) -> Array:
@@ -265,8 +268,8 @@ class BartAttention(nn.Module):
         the slot of beam `ancestors[b, g, p]` (the beam that computed it). Each query scores the
         slots of all beams of its input (beams x the attention math, which is small next to
         reading the cache) and masks out those of other beams — cheaper than gathering the
-        whole cache every step. Only the written positions are read, rounded up to a chunk of
-        the cache. query: [rows, heads, query_length, head_dim].
+        whole cache every step. The cache's chunks not written yet are skipped (`lax.cond`); the
+        others are multiplied as stored. query: [rows, heads, query_length, head_dim].
         """
         rows, heads, query_length, head_dim = query.shape
         batch, beams, max_length = ancestors.shape
@@ -274,15 +277,12 @@ class BartAttention(nn.Module):
         # New keys [rows, heads, head_dim, t] and values [rows, heads, t, head_dim], slot-ordered.
         new_key = key_value["key"].reshape(batch, beams, heads, head_dim, query_length).transpose(0, 2, 3, 4, 1)
         new_value = key_value["value"].reshape(batch, beams, heads, query_length, head_dim).transpose(0, 2, 3, 1, 4)
-        new_key = to_storage(new_key.reshape(batch, heads, head_dim, query_length * beams), cache["key"].dtype)
-        new_value = to_storage(new_value.reshape(batch, heads, query_length * beams, head_dim), cache["value"].dtype)
-        slot = cache_index * beams
-        new_cache = {
-            "key": constrain(lax.dynamic_update_slice(cache["key"], new_key, (0, 0, 0, slot)), KEYS),
-            "value": constrain(lax.dynamic_update_slice(cache["value"], new_value, (0, 0, slot, 0)), PER_HEAD),
-        }
-        # Bits become bfloat16 values after slicing: converting the whole cache first would copy it.
-        key, value = new_cache["key"], new_cache["value"]
+        key_chunks, value_chunks = cache["key"], cache["value"]
+        new_key = to_storage(new_key.reshape(batch, heads, head_dim, query_length * beams), key_chunks[0].dtype)
+        new_value = to_storage(new_value.reshape(batch, heads, query_length * beams, head_dim), value_chunks[0].dtype)
+        new_cache = write_position(cache, new_key, new_value, cache_index, beams)
+        new_cache = {"key": tuple(constrain(chunk, KEYS) for chunk in new_cache["key"]),
+                     "value": tuple(constrain(chunk, PER_HEAD) for chunk in new_cache["value"])}
 
         # Queries of an input's beams side by side: [batch, heads, beams * t, head_dim].
         queries = query.reshape(batch, beams, heads, query_length, head_dim).transpose(0, 2, 1, 3, 4)
@@ -291,37 +291,60 @@ class BartAttention(nn.Module):
             mask = _beam_major(mask, batch, beams) if mask.shape[0] == rows else mask[:, :, None]
         written = cache_index + query_length
 
-        def attend(length, rate, rng):
-            """Attention over cache positions [0, length): -> (output [batch, heads, beams * t, head_dim],
-            weights [batch, heads, beams, t, max_length])."""
-            slots = length * beams
-            scores = attention_scores(queries, from_storage(key[..., :slots]), None)
+        rate = 0.0 if deterministic else self.dropout
+        rng = self.make_rng("dropout") if rate > 0.0 else None
+        queries_per_input = beams * query_length
+
+        def attend_chunk(index, key, value, chunk_mask, owner, unwritten_from):
+            """Attention over one chunk of positions alone: (scores [batch, heads, beams * t, slots],
+            their row maximum m [..., 1], row sum of exp(scores - m) [..., 1], and
+            exp(scores - m) @ values [batch, heads, beams * t, head_dim] float32). The chunk's
+            own mask and slot owners come in as operands, so that chunks of one size compile
+            to the same code."""
+            length = key.shape[-1] // beams
+            scores = attention_scores(queries, from_storage(key), None)
             scores = scores.reshape(batch, heads, beams, query_length, length, beams)
-            if mask is not None:
+            if chunk_mask is not None:
                 # The most negative finite value for masked positions, as `attention_scores`.
-                scores = jnp.where(mask[..., :length, None], scores, jnp.finfo(jnp.float32).min)
+                scores = jnp.where(chunk_mask, scores, jnp.finfo(jnp.float32).min)
             # Slots of other beams, and positions not written yet (absent from transformers'
             # cache), weigh exactly nothing, even in a fully masked row.
-            owner = (ancestors[:, :, :length, None] == jnp.arange(beams)) & (jnp.arange(length) < written)[:, None]
+            owner = owner & (jnp.arange(length) < unwritten_from)[:, None]
             scores = jnp.where(owner[:, None, :, None], scores, -jnp.inf)
-            output, weights = weigh_values(scores.reshape(batch, heads, beams * query_length, slots),
-                                           from_storage(value[:, :, :slots]), self.dtype, rate, rng)
-            output, weights = _mask_heads(output, weights, layer_head_mask)
-            weights = weights.reshape(batch, heads, beams, query_length, length, beams).sum(axis=-1)
-            return output, jnp.pad(weights, [(0, 0)] * 4 + [(0, max_length - length)])
+            scores = scores.reshape(batch, heads, queries_per_input, length * beams)
+            unnormalized, total = _unnormalized_softmax(scores)
+            dropped = dropout(unnormalized, rate, None if rng is None else jax.random.fold_in(rng, index))
+            product = _weights_times_values(dropped.astype(self.dtype), from_storage(value).astype(self.dtype))
+            return scores, lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)), total, product
 
-        if deterministic or self.dropout == 0.0:
-            # Read only the written part of the cache, rounded up to a chunk: one branch per
-            # chunk count (static shapes), on average half the cache read per step.
-            chunk = max(CACHE_CHUNK, -(-max_length // MAX_CACHE_BRANCHES))
-            lengths = [min(end, max_length) for end in range(chunk, max_length + chunk, chunk)]
-            branch = jnp.clip((written - 1) // chunk, 0, len(lengths) - 1)
-            output, weights = lax.switch(branch, [lambda n=n: attend(n, 0.0, None) for n in lengths])
-        else:
-            output, weights = attend(max_length, self.dropout, self.make_rng("dropout"))
+        def unwritten(slots):
+            rows_shape = (batch, heads, queries_per_input)
+            return (jnp.full(rows_shape + (slots,), -jnp.inf), jnp.full(rows_shape + (1,), -jnp.inf),
+                    jnp.zeros(rows_shape + (1,)), jnp.zeros(rows_shape + (head_dim,)))
+
+        # Each written chunk attended on its own, chunks not written yet skipped (the first one
+        # always is), then merged as one softmax over all positions: each chunk's terms rescaled
+        # from its own row maximum to the overall one.
+        parts, start = [], 0
+        for index, (key, value) in enumerate(zip(new_cache["key"], new_cache["value"])):
+            end = start + key.shape[-1] // beams
+            chunk_mask = None if mask is None else mask[..., start:end, None]
+            owner = ancestors[:, :, start:end, None] == jnp.arange(beams)
+            attend = functools.partial(attend_chunk, index, key, value, chunk_mask, owner, written - start)
+            parts.append(attend() if start == 0 else
+                         lax.cond(start < written, attend, functools.partial(unwritten, key.shape[-1])))
+            start = end
+        scores, maxima, totals, products = zip(*parts)
+        maximum = functools.reduce(jnp.maximum, maxima)
+        scales = [jnp.exp(chunk_maximum - maximum) for chunk_maximum in maxima]
+        total = sum(scale * chunk_total for scale, chunk_total in zip(scales, totals))
+        output = sum(scale * product for scale, product in zip(scales, products)) / total
+        weights = jnp.exp(jnp.concatenate(scores, axis=-1) - maximum) / total
+        output, weights = _mask_heads(output, weights, layer_head_mask)
         output = output.astype(self.dtype).reshape(batch, heads, beams, query_length, head_dim)
         output = output.transpose(0, 2, 3, 1, 4).reshape(rows, query_length, self.embed_dim)
         # Per position, for callers that return attentions: [rows, heads, t, max_length].
+        weights = weights.reshape(batch, heads, beams, query_length, max_length, beams).sum(axis=-1)
         weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, heads, query_length, max_length)
         return self.out_proj(output), weights, new_cache
 

@@ -324,7 +324,9 @@ def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = RULES) -> Any:
         if len(leaf.shape) == 3:
             axes = CACHE_ANCESTORS
         else:
-            axes = KEYS if getattr(path[-1], "key", None) == "key" else PER_HEAD
+            # Cache chunks sit in tuples under "key"/"value"; cross-attention's arrays directly.
+            names = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+            axes = KEYS if names and names[-1] == "key" else PER_HEAD
         return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules, indivisible="replicate"))
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, cache)

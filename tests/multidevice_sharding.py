@@ -187,11 +187,13 @@ def test_encode_and_decode_steps_equal_unsharded_with_a_split_cache():
     )
     assert_trees_close("encode/decode_step", expected, actual)
     heads, head_dim = CONFIG.decoder_attention_heads, CONFIG.d_model // CONFIG.decoder_attention_heads
-    # Inputs over data x fsdp, heads over tensor: cache keys [batch, heads, head_dim, max_length * beams],
-    # values [batch, heads, max_length * beams, head_dim]; cross-attention keys [batch, heads, head_dim, source].
-    cache_shard = shard_shape(actual[3]["layers"][0]["key"])
+    # Inputs over data x fsdp, heads over tensor: cache keys [batch, heads, head_dim, slots],
+    # values [batch, heads, slots, head_dim] (one chunk of max_length * beams slots here);
+    # cross-attention keys [batch, heads, head_dim, source].
+    (cache_key,), (cache_value,) = actual[3]["layers"][0]["key"], actual[3]["layers"][0]["value"]
+    cache_shard = shard_shape(cache_key)
     assert cache_shard == (BATCH // 4, heads // 2, head_dim, max_length), f"cache key shard {cache_shard}"
-    cache_shard = shard_shape(actual[3]["layers"][0]["value"])
+    cache_shard = shard_shape(cache_value)
     assert cache_shard == (BATCH // 4, heads // 2, max_length, head_dim), f"cache value shard {cache_shard}"
     cross_shard = shard_shape(actual[1][0]["key"])
     assert (cross_shard[0], cross_shard[1], cross_shard[2]) == (BATCH // 4, heads // 2, head_dim), (

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from bart_jax.attention import CACHE_CHUNK
-from bart_jax.cache import init_cache
+from bart_jax.cache import chunk_bounds, init_cache
 from bart_jax.config import BartConfig
 from bart_jax.conversion import hf_to_flax
 from bart_jax.generation import GenerationConfig, generate, generate_static
@@ -182,13 +181,14 @@ def test_beam_sampling_scores_are_the_model_log_probabilities():
 def test_incremental_decoding_equals_full_forward(tokens_per_call, dtype):
     """decode_step over the cache (two beams per input sharing the input's cross-attention
     keys/values), one token or several per call, gives the logits of one full forward pass at
-    every position. 40 positions span three of the cache's read chunks (attention.CACHE_CHUNK).
+    every position. 40 positions span three of the cache's chunks, so several calls write
+    across a chunk's end (bart_jax.cache.chunk_bounds).
     In bfloat16 the cache holds the values' bits (bart_jax.cache.storage_dtype)."""
     _, module, params = models()
     module = module.clone(dtype=jnp.dtype(dtype))
     input_ids, attention_mask = inputs()
     beams, length = 2, 40
-    assert length > 2 * CACHE_CHUNK
+    assert len(chunk_bounds(length)) == 3
     decoder_ids = np.random.default_rng(0).integers(3, VOCAB, (input_ids.shape[0] * beams, length))
     decoder_ids[:, 0] = EOS
     rows = np.repeat(np.arange(input_ids.shape[0]), beams)
@@ -199,7 +199,7 @@ def test_incremental_decoding_equals_full_forward(tokens_per_call, dtype):
     encoded = module.apply(variables, input_ids, attention_mask, method="encode")
     cross = module.apply(variables, encoded.last_hidden_state, method="project_cross_key_values")
     cache = init_cache(module.config, input_ids.shape[0], length, beams=beams, dtype=module.dtype)
-    assert cache["layers"][0]["key"].dtype == (jnp.uint16 if dtype == "bfloat16" else jnp.float32)
+    assert cache["layers"][0]["key"][0].dtype == (jnp.uint16 if dtype == "bfloat16" else jnp.float32)
     step = jax.jit(lambda ids, cache, index: module.apply(variables, ids, cache, index, cross, attention_mask,
                                                           method="decode_step"))
     # Logits are O(10) with these weights; a cache bug would be off by O(1). These weights
