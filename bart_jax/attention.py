@@ -295,12 +295,12 @@ class BartAttention(nn.Module):
         rng = self.make_rng("dropout") if rate > 0.0 else None
         queries_per_input = beams * query_length
 
-        def attend_chunk(index, key, value, chunk_mask, owner, unwritten_from):
+        def attend_chunk(index, key, value, chunk_mask, owner, written_in_chunk):
             """Attention over one chunk of positions alone: (scores [batch, heads, beams * t, slots],
             their row maximum m [..., 1], row sum of exp(scores - m) [..., 1], and
-            exp(scores - m) @ values [batch, heads, beams * t, head_dim] float32). The chunk's
-            own mask and slot owners come in as operands, so that chunks of one size compile
-            to the same code."""
+            exp(scores - m) @ values [batch, heads, beams * t, head_dim] float32). `chunk_mask` and
+            `owner` are the chunk's part of `mask` and of the slot owners; `written_in_chunk` counts
+            its positions written so far."""
             length = key.shape[-1] // beams
             scores = attention_scores(queries, from_storage(key), None)
             scores = scores.reshape(batch, heads, beams, query_length, length, beams)
@@ -309,7 +309,7 @@ class BartAttention(nn.Module):
                 scores = jnp.where(chunk_mask, scores, jnp.finfo(jnp.float32).min)
             # Slots of other beams, and positions not written yet (absent from transformers'
             # cache), weigh exactly nothing, even in a fully masked row.
-            owner = owner & (jnp.arange(length) < unwritten_from)[:, None]
+            owner = owner & (jnp.arange(length) < written_in_chunk)[:, None]
             scores = jnp.where(owner[:, None, :, None], scores, -jnp.inf)
             scores = scores.reshape(batch, heads, queries_per_input, length * beams)
             unnormalized, total = _unnormalized_softmax(scores)

@@ -265,6 +265,21 @@ def make_system(name: str, setup: Setup):
     return CTranslate2System(setup, "int8" if name == "ctranslate2_int8" else "float32")
 
 
+def stolen_cpu_seconds() -> Optional[float]:
+    """CPU time the hypervisor gave to other guests so far, summed over this machine's CPUs
+    (Linux's "steal" in /proc/stat); None where the system does not report it.
+
+    On a shared virtual machine, a call during which others took CPU time ran slower for it:
+    the benchmark reports the steal during each call next to its time.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_memory_mib() -> float:
     """This process's peak resident memory in MiB.
 
@@ -328,11 +343,14 @@ def worker(name: str, setup: Setup, training: bool, connection) -> None:
         if message is None:
             return
         _, workload = message
+        stolen_before = stolen_cpu_seconds()
         began = time.perf_counter()
         _, tokens = system.run(workload)
         elapsed = time.perf_counter() - began
+        stolen_after = stolen_cpu_seconds()
+        stolen = None if stolen_before is None or stolen_after is None else stolen_after - stolen_before
         peak_mib = peak_memory_mib()
-        connection.send((elapsed, None if tokens is None else tokens.tolist(), peak_mib))
+        connection.send((elapsed, None if tokens is None else tokens.tolist(), peak_mib, stolen))
 
 
 def start_workers(systems: Sequence[str], setup: Setup, training: bool, huge_pages: bool) -> dict:
@@ -421,6 +439,7 @@ def run(args, on_workload=None) -> list[dict]:
             workers = start_workers(systems, setup, training, args.huge_pages)
         active = [name for name in workers if workload in SUPPORTS[name]]
         first, times, tokens, memory = {}, {name: [] for name in active}, {}, {}
+        stolen = {name: [] for name in active}  # CPU steal during each call: the first call's, then the repeats'
 
         def call(name):
             try:
@@ -435,13 +454,15 @@ def run(args, on_workload=None) -> list[dict]:
         for name in list(active):  # first call: compilation / warm-up, timed separately
             answer = call(name)
             if answer is not None:
-                first[name], tokens[name], memory[name] = answer
+                first[name], tokens[name], memory[name], _ = answer
+                stolen[name].append(answer[3])
         for _ in range(args.repeats):
             for name in list(active):
                 answer = call(name)
                 if answer is not None:
                     times[name].append(answer[0])
                     memory[name] = answer[2]
+                    stolen[name].append(answer[3])
         reference = tokens.get("transformers")
         flops = model_flops(config, workload, setup)
         for name in active:
@@ -462,6 +483,8 @@ def run(args, on_workload=None) -> list[dict]:
                 "gflops": flops / median / 1e9, "peak_fraction": flops / median / 1e9 / peak,
                 "peak_memory_mib": memory[name], "same_tokens_as_transformers": same,
                 "machine_matmul_gflops": peak, "huge_pages": args.huge_pages,
+                "first_call_stolen_s": stolen[name][0],
+                "stolen_s": None if None in stolen[name] else statistics.median(stolen[name][1:]),
             })
         rows = [row for row in results if row["workload"] == workload]
         for row in rows:
@@ -479,13 +502,15 @@ def _call(connection, workload: str):
 
 
 def format_table(results: list[dict]) -> str:
-    lines = ["| workload | system | median s (min-max) | first call s | tokens/s | GFLOP/s | % peak | "
-             "peak MiB | vs transformers | same ids |", "|" + "---|" * 10]
+    lines = ["| workload | system | median s (min-max) | first call s | CPU stolen s | tokens/s | GFLOP/s | "
+             "% peak | peak MiB | vs transformers | same ids |", "|" + "---|" * 11]
     for row in results:
         ratio = row["speedup"].get("transformers")
+        stolen = ("" if row.get("stolen_s") is None
+                  else f"{row['stolen_s']:.2f} (first {row['first_call_stolen_s']:.2f})")
         lines.append(
             f"| {row['workload']} | {row['system']} | {row['median_s']:.2f} ({row['min_s']:.2f}-{row['max_s']:.2f}) "
-            f"| {row['first_call_s']:.2f} | {row['tokens_per_s']:.1f} | {row['gflops']:.1f} "
+            f"| {row['first_call_s']:.2f} | {stolen} | {row['tokens_per_s']:.1f} | {row['gflops']:.1f} "
             f"| {100 * row['peak_fraction']:.0f}% | {row['peak_memory_mib']:.0f} "
             f"| {'' if ratio is None else f'{ratio:.2f}x'} | {'' if row['same_tokens_as_transformers'] is None else row['same_tokens_as_transformers']} |"
         )

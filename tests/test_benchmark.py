@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from bart_jax.benchmark import HUGE_PAGES_TUNABLE, model_flops, peak_memory_mib, Setup, worker_environment
+from bart_jax.benchmark import (HUGE_PAGES_TUNABLE, model_flops, peak_memory_mib, Setup, stolen_cpu_seconds,
+                                worker_environment)
 from bart_jax.cli import main
 from hf_reference import TOKENIZER_DIR
 
@@ -24,9 +25,19 @@ def test_benchmark_runs_and_systems_agree(tmp_path, capsys):
         (w, s) for w in ("W1", "W2", "W3", "W4") for s in ("bart_jax", "transformers")}
     for row in rows:
         assert row["median_s"] > 0 and row["first_call_s"] > 0
+        if stolen_cpu_seconds() is not None:
+            assert row["stolen_s"] >= 0 and row["first_call_stolen_s"] >= 0, row
         if row["workload"] in ("W1", "W2"):
             assert row["same_tokens_as_transformers"] is True, f"{row['system']} {row['workload']} ids differ"
     assert "| W1 | bart_jax |" in capsys.readouterr().out
+
+
+def test_stolen_cpu_time_never_decreases():
+    first = stolen_cpu_seconds()
+    if first is None:
+        pytest.skip("this system reports no CPU steal")
+    np.asarray(np.ones((512, 512)) @ np.ones((512, 512)))
+    assert stolen_cpu_seconds() >= first >= 0
 
 
 def test_flop_count_of_the_encoder():
