@@ -454,8 +454,8 @@ def run(args, on_workload=None) -> list[dict]:
         for name in list(active):  # first call: compilation / warm-up, timed separately
             answer = call(name)
             if answer is not None:
-                first[name], tokens[name], memory[name], _ = answer
-                stolen[name].append(answer[3])
+                first[name], tokens[name], memory[name], first_stolen = answer
+                stolen[name].append(first_stolen)
         for _ in range(args.repeats):
             for name in list(active):
                 answer = call(name)

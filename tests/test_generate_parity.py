@@ -181,8 +181,8 @@ def test_beam_sampling_scores_are_the_model_log_probabilities():
 def test_incremental_decoding_equals_full_forward(tokens_per_call, dtype):
     """decode_step over the cache (two beams per input sharing the input's cross-attention
     keys/values), one token or several per call, gives the logits of one full forward pass at
-    every position. 40 positions span three of the cache's chunks, so several calls write
-    across a chunk's end (bart_jax.cache.chunk_bounds).
+    every position. 40 positions span three of the cache's chunks (bart_jax.cache.chunk_bounds);
+    at three tokens a call, some calls write across a chunk's end.
     In bfloat16 the cache holds the values' bits (bart_jax.cache.storage_dtype)."""
     _, module, params = models()
     module = module.clone(dtype=jnp.dtype(dtype))
