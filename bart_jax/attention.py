@@ -103,20 +103,22 @@ def weigh_values(scores: Array, value: Array, dtype: Dtype, dropout_rate: float 
     """
     # Softmax with its normalisation applied to the output rather than to the weights: one
     # pass less over the [query, key] probabilities, the largest tensor of a long input.
-    unnormalized, total = _unnormalized_softmax(scores)
+    unnormalized, total, _ = _unnormalized_softmax(scores)
     dropped = dropout(unnormalized, dropout_rate, dropout_rng)
     output = _weights_times_values(dropped.astype(dtype), value.astype(dtype)) / total
     return output, unnormalized / total
 
 
-def _unnormalized_softmax(scores: Array) -> tuple[Array, Array]:
-    """(exp(scores - row maximum), its row sum [..., 1]) of float32 scores [..., k].
+def _unnormalized_softmax(scores: Array) -> tuple[Array, Array, Array]:
+    """(exp(scores - row maximum), its row sum [..., 1], the row maximum [..., 1]) of float32
+    scores [..., k].
 
     The row maximum only keeps exp in range: softmax does not depend on it, so its derivative
     (an argmax mask XLA would keep for the backward pass) is left out.
     """
-    unnormalized = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    return unnormalized, jnp.sum(unnormalized, axis=-1, keepdims=True)
+    maximum = lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(scores - maximum)
+    return unnormalized, jnp.sum(unnormalized, axis=-1, keepdims=True), maximum
 
 
 def _weights_times_values(weights: Array, value: Array) -> Array:
@@ -312,10 +314,10 @@ class BartAttention(nn.Module):
             owner = owner & (jnp.arange(length) < written_in_chunk)[:, None]
             scores = jnp.where(owner[:, None, :, None], scores, -jnp.inf)
             scores = scores.reshape(batch, heads, queries_per_input, length * beams)
-            unnormalized, total = _unnormalized_softmax(scores)
+            unnormalized, total, maximum = _unnormalized_softmax(scores)
             dropped = dropout(unnormalized, rate, None if rng is None else jax.random.fold_in(rng, index))
             product = _weights_times_values(dropped.astype(self.dtype), from_storage(value).astype(self.dtype))
-            return scores, lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)), total, product
+            return scores, maximum, total, product
 
         def unwritten(slots):
             rows_shape = (batch, heads, queries_per_input)
