@@ -2,7 +2,7 @@
 
 import sys
 
-from bart_jax.conversion_cli import main
+from bart_jax.apps.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

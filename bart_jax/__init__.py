@@ -1,8 +1,8 @@
 """bart_jax: BART (Lewis et al., 2019) in JAX/Flax, numerically equal to Hugging Face transformers."""
 
-from bart_jax.cache import init_cache
 from bart_jax.config import BartConfig
-from bart_jax.modeling import (
+from bart_jax.model.cache import init_cache
+from bart_jax.model.heads import (
     BartForCausalLM,
     BartForConditionalGeneration,
     BartForQuestionAnswering,

@@ -1,5 +1,5 @@
 import sys
 
-from bart_jax.cli import main
+from bart_jax.apps.cli import main
 
 sys.exit(main())

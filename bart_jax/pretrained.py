@@ -15,13 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bart_jax import checkpoint_files, conversion, sharding
+from bart_jax import parallel
+from bart_jax.checkpoints import conversion, files
+from bart_jax.checkpoints.hub import resolve_model_directory
 from bart_jax.config import BartConfig
 from bart_jax.generation.config import GenerationConfig
-from bart_jax.hub import resolve_model_directory
-from bart_jax.modeling import head_class
+from bart_jax.generation.generate import generate
+from bart_jax.model.kernels import check_kernels, settled
+from bart_jax.model.registry import head_from_config, head_spec, heads_where
+from bart_jax.model.validation import check_inputs
 from bart_jax.tokenizer import BartTokenizer
-from bart_jax.validation import check_inputs
 
 DEFAULT_HEAD = "BartForConditionalGeneration"
 # Keyword arguments of the heads that are Python flags, not arrays (static under jit).
@@ -67,10 +70,8 @@ class PretrainedBart:
     def generate(self, input_ids, attention_mask=None, prng_key=None, return_scores=False, **options):
         """Generates with this model's generation options overridden by `options`; see
         `bart_jax.generation.generate`. Returns ids [batch * num_return_sequences, length]."""
-        from bart_jax.generation.generate import generate
-
-        if self.head != DEFAULT_HEAD:
-            raise ValueError(f"generate needs a {DEFAULT_HEAD} model, this one is {self.head}")
+        if not head_spec(self.head).generates:
+            raise ValueError(f"generate needs a {' or '.join(heads_where('generates'))} model, this one is {self.head}")
         input_ids = check_inputs(self.config, self.head, {"input_ids": input_ids})["input_ids"]
         if attention_mask is not None:
             attention_mask = check_inputs(
@@ -82,20 +83,19 @@ class PretrainedBart:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes a converted bart_jax directory (params, config, generation config, tokenizer)."""
         params = jax.tree_util.tree_map(np.asarray, self.params)
-        checkpoint_files.save_converted(params, self.config, self.head, directory, copy_files_from=self.source)
+        files.save_converted(params, self.config, self.head, directory, copy_files_from=self.source)
 
     def save_hf(self, directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
         """Writes a Hugging Face directory that `transformers.<head>.from_pretrained` loads."""
         params = jax.tree_util.tree_map(np.asarray, self.params)
-        checkpoint_files.save_hf_directory(params, self.config, self.head, directory, max_shard_size=max_shard_size,
+        files.save_hf_directory(params, self.config, self.head, directory, max_shard_size=max_shard_size,
                                            copy_files_from=self.source)
 
 
 def _resolve_head(config: BartConfig, head: Optional[str]) -> str:
     if head is not None:
-        conversion.check_head(head)
-        return head
-    return conversion.head_from_config(config) if config.architectures else DEFAULT_HEAD
+        return head_spec(head).name
+    return head_from_config(config) if config.architectures else DEFAULT_HEAD
 
 
 def load_pretrained(
@@ -109,6 +109,7 @@ def load_pretrained(
     revision: Optional[str] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
     rules: Any = None,
+    kernels: str = "auto",
 ) -> PretrainedBart:
     """Loads BART from a Hugging Face directory, a converted bart_jax directory or a hub id.
 
@@ -119,11 +120,14 @@ def load_pretrained(
     classification head on bart-large); without them such a load is an error, never a silent
     random init. strict: tensors of the checkpoint that `head` does not use are an error.
     mesh, rules: place each parameter straight from the host copy onto its shards of `mesh`
-    (`bart_jax.sharding.shard_params`; rules default to `sharding.RULES`).
+    (`bart_jax.parallel.shard_params`; rules default to `parallel.RULES`).
+    kernels: "auto" (the formulations of the platform the parameters are placed on: the returned
+    module's `kernels` names it), "portable" or "cpu" (see bart_jax/model/kernels/); the results agree.
     """
+    check_kernels(kernels)
     directory = resolve_model_directory(path_or_hub_id, revision=revision)
-    if checkpoint_files.is_converted_directory(directory):
-        config, params, saved_head = checkpoint_files.load_converted(directory)
+    if files.is_converted_directory(directory):
+        config, params, saved_head = files.load_converted(directory)
         head = _resolve_head(config, head or saved_head)
         if head != saved_head:
             state = conversion.flax_to_hf(params, config, saved_head)
@@ -131,17 +135,19 @@ def load_pretrained(
     else:
         config = BartConfig.from_pretrained(directory)
         head = _resolve_head(config, head)
-        state = checkpoint_files.load_hf_state_dict(directory)
+        state = files.load_hf_state_dict(directory)
         params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict)
     params = conversion.cast_params(params, param_dtype)
     if mesh is not None:
-        params = sharding.shard_params(params, mesh, sharding.RULES if rules is None else rules)
+        params = parallel.shard_params(params, mesh, parallel.RULES if rules is None else rules)
     else:
         # On the device once: host (numpy) params would be copied again by every jitted call.
         params = jax.device_put(params)
-    module = head_class(head)(config, dtype=dtype, param_dtype=param_dtype)
+    spec = head_spec(head)
+    # "auto" settled by where the parameters were placed: the module then traces once.
+    module = settled(spec.module(config, dtype=dtype, param_dtype=param_dtype, kernels=kernels), params, mesh)
     tokenizer = None
     if any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.json", "vocab.json")):
         tokenizer = BartTokenizer.from_pretrained(directory)
-    generation_config = GenerationConfig.from_pretrained(directory) if head == DEFAULT_HEAD else None
+    generation_config = GenerationConfig.from_pretrained(directory) if spec.generates else None
     return PretrainedBart(config, head, module, params, generation_config, tokenizer, directory)

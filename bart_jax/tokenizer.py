@@ -1,39 +1,57 @@
 """`BartTokenizer`: BART's byte-level BPE tokenizer, output for output as `transformers.BartTokenizerFast`.
 
-All the tokenization is done by the `tokenizers` library; this module only builds its pipeline
-the way Hugging Face does (ByteLevel pre-tokenizer and decoder, BPE model, RobertaProcessing
-`<s> A </s>` / `<s> A </s></s> B </s>`, `<mask>` stripping the space before it), maps the
-transformers call options (padding, truncation, max_length) onto the backend, and reads and
-writes the files of a Hugging Face tokenizer directory.
+All the tokenization is done by the `tokenizers` library; this module maps the transformers call
+options (padding, truncation, max_length) onto the backend and decodes. Building the backend's
+pipeline the way Hugging Face does, and reading and writing the files of a Hugging Face tokenizer
+directory, are in `bart_jax.tokenizer_files`, whose names are importable from here too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-from tokenizers.models import BPE
+from tokenizers import Tokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
-VOCAB_FILE = "vocab.json"
-MERGES_FILE = "merges.txt"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+from bart_jax import tokenizer_files
+from bart_jax.tokenizer_files import (
+    BOS_TOKEN,
+    DEFAULT_MODEL_MAX_LENGTH,
+    EOS_TOKEN,
+    MASK_TOKEN,
+    MERGES_FILE,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    UNK_TOKEN,
+    VOCAB_FILE,
+    build_backend,
+    set_add_prefix_space,
+)
 
-BOS_TOKEN = "<s>"
-PAD_TOKEN = "<pad>"
-EOS_TOKEN = "</s>"
-UNK_TOKEN = "<unk>"
-MASK_TOKEN = "<mask>"
-SPECIAL_TOKENS = (BOS_TOKEN, PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, MASK_TOKEN)
-
-# BART's learned position embeddings cover 1024 positions.
-DEFAULT_MODEL_MAX_LENGTH = 1024
-# transformers writes int(1e30) as model_max_length when a checkpoint sets none.
-_UNSET_MODEL_MAX_LENGTH_ABOVE = 2**32
+__all__ = [
+    "BOS_TOKEN",
+    "BartTokenizer",
+    "DEFAULT_MODEL_MAX_LENGTH",
+    "EOS_TOKEN",
+    "MASK_TOKEN",
+    "MERGES_FILE",
+    "PADDING_STRATEGIES",
+    "PAD_TOKEN",
+    "SPECIAL_TOKENS",
+    "SPECIAL_TOKENS_MAP_FILE",
+    "TOKENIZER_CONFIG_FILE",
+    "TOKENIZER_FILE",
+    "TRUNCATION_STRATEGIES",
+    "UNK_TOKEN",
+    "VOCAB_FILE",
+    "build_backend",
+    "clean_up_tokenization",
+    "set_add_prefix_space",
+]
 
 PADDING_STRATEGIES = ("do_not_pad", "longest", "max_length")
 TRUNCATION_STRATEGIES = ("do_not_truncate", "longest_first", "only_first", "only_second")
@@ -51,39 +69,6 @@ _CLEAN_UP_REPLACEMENTS = (
     (" 've", "'ve"),
     (" 're", "'re"),
 )
-
-
-def build_backend(vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> Tokenizer:
-    """The `tokenizers` pipeline that Hugging Face's `tokenizer.json` for BART/RoBERTa holds."""
-    backend = Tokenizer(
-        BPE.from_file(str(vocab_path), str(merges_path), continuing_subword_prefix="", end_of_word_suffix="")
-    )
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    # The hub tokenizers declare `<mask>` with lstrip so that "is <mask>" has no stray "Ġ" token.
-    backend.add_special_tokens(
-        [AddedToken(token, lstrip=token == MASK_TOKEN, special=True, normalized=True) for token in SPECIAL_TOKENS]
-    )
-    backend.post_processor = processors.RobertaProcessing(
-        (EOS_TOKEN, backend.token_to_id(EOS_TOKEN)), (BOS_TOKEN, backend.token_to_id(BOS_TOKEN))
-    )
-    return backend
-
-
-def set_add_prefix_space(backend: Tokenizer, add_prefix_space: bool) -> None:
-    """Makes the first word tokenize like every other word (with a leading "Ġ"), as transformers does."""
-    post_processor = backend.post_processor
-    if not isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel) or not isinstance(
-        post_processor, processors.RobertaProcessing
-    ):
-        raise ValueError("add_prefix_space needs a ByteLevel pre-tokenizer and a RobertaProcessing post-processor")
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
-    backend.post_processor = processors.RobertaProcessing(
-        post_processor.sep,
-        post_processor.cls,
-        trim_offsets=post_processor.trim_offsets,
-        add_prefix_space=add_prefix_space,
-    )
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -115,14 +100,7 @@ class BartTokenizer:
         model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
     ) -> "BartTokenizer":
         """Loads a `tokenizer.json`; `add_prefix_space=None` keeps the file's setting."""
-        _require_file(path)
-        try:
-            backend = Tokenizer.from_file(str(path))
-        except Exception as error:  # the backend raises a bare Exception on a malformed file
-            raise ValueError(f"{path} is not a tokenizers file: {error}") from None
-        if add_prefix_space is not None:
-            set_add_prefix_space(backend, add_prefix_space)
-        return cls(backend, model_max_length)
+        return cls(tokenizer_files.load_tokenizer_file(path, add_prefix_space), model_max_length)
 
     @classmethod
     def from_vocab_merges(
@@ -133,11 +111,7 @@ class BartTokenizer:
         model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
     ) -> "BartTokenizer":
         """Builds the tokenizer from GPT-2 style `vocab.json` and `merges.txt`."""
-        _require_file(vocab_path)
-        _require_file(merges_path)
-        backend = build_backend(vocab_path, merges_path)
-        set_add_prefix_space(backend, add_prefix_space)
-        return cls(backend, model_max_length)
+        return cls(tokenizer_files.load_vocab_merges(vocab_path, merges_path, add_prefix_space), model_max_length)
 
     @classmethod
     def from_pretrained(
@@ -151,55 +125,11 @@ class BartTokenizer:
         `add_prefix_space` and `model_max_length` default to the values in `tokenizer_config.json`
         (or `special_tokens_map.json`), then to the tokenizer file's setting and 1024.
         """
-        config = _read_tokenizer_config(directory)
-        if add_prefix_space is None:
-            add_prefix_space = config.get("add_prefix_space")
-        if model_max_length is None:
-            model_max_length = config.get("model_max_length")
-            if model_max_length is None or model_max_length > _UNSET_MODEL_MAX_LENGTH_ABOVE:
-                model_max_length = DEFAULT_MODEL_MAX_LENGTH
-        tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
-        vocab_path = os.path.join(directory, VOCAB_FILE)
-        merges_path = os.path.join(directory, MERGES_FILE)
-        if os.path.isfile(tokenizer_path):
-            return cls.from_file(tokenizer_path, add_prefix_space, model_max_length)
-        if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
-            return cls.from_vocab_merges(vocab_path, merges_path, bool(add_prefix_space), model_max_length)
-        raise ValueError(
-            f"no tokenizer in {directory}: expected {TOKENIZER_FILE}, or {VOCAB_FILE} and {MERGES_FILE}"
-        )
+        return cls(*tokenizer_files.load_directory(directory, add_prefix_space, model_max_length))
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
         """Writes tokenizer.json, vocab.json, merges.txt and a tokenizer_config.json transformers loads."""
-        os.makedirs(directory, exist_ok=True)
-        # A padding or truncation left on the backend by the last call would be saved with it.
-        self._backend.no_padding()
-        self._backend.no_truncation()
-        tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
-        self._backend.save(tokenizer_path)
-        model_files = self._backend.model.save(str(directory))
-        config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
-        with open(config_path, "w", encoding="utf-8") as f:
-            json.dump(self._tokenizer_config(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        return [tokenizer_path, *model_files, config_path]
-
-    def _tokenizer_config(self) -> dict[str, Any]:
-        return {
-            "tokenizer_class": "BartTokenizer",
-            "add_prefix_space": self.add_prefix_space,
-            "trim_offsets": True,
-            "errors": "replace",
-            "model_max_length": self.model_max_length,
-            "clean_up_tokenization_spaces": False,
-            "bos_token": BOS_TOKEN,
-            "cls_token": BOS_TOKEN,
-            "eos_token": EOS_TOKEN,
-            "sep_token": EOS_TOKEN,
-            "unk_token": UNK_TOKEN,
-            "pad_token": PAD_TOKEN,
-            "mask_token": MASK_TOKEN,
-        }
+        return tokenizer_files.save_directory(self._backend, directory, self.add_prefix_space, self.model_max_length)
 
     # ----------------------------------------------------------------------------- properties
 
@@ -428,27 +358,6 @@ class BartTokenizer:
         if out_of_vocab.size:
             raise ValueError(f"token id {int(out_of_vocab[0])} is not in the vocabulary (ids 0..{self.vocab_size - 1})")
         return array.tolist()
-
-
-def _require_file(path: str | os.PathLike) -> None:
-    if not os.path.isfile(path):
-        raise ValueError(f"tokenizer file not found: {path}")
-
-
-def _read_tokenizer_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """`special_tokens_map.json` overlaid by `tokenizer_config.json`, each when present."""
-    if not os.path.isdir(directory):
-        raise ValueError(f"tokenizer directory not found: {directory}")
-    config: dict[str, Any] = {}
-    for name in (SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                try:
-                    config.update(json.load(f))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path} is not valid JSON: {error}") from None
-    return config
 
 
 def _batch_of_inputs(text, text_pair) -> tuple[list, bool]:

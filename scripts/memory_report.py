@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bart_jax import sharding
+from bart_jax import parallel
 from bart_jax.config import BartConfig
-from bart_jax.modeling import BartForConditionalGeneration
+from bart_jax.model.heads import BartForConditionalGeneration
 
 CONFIG_DIRECTORY = "configs"
 MIB = 2**20
@@ -62,17 +62,17 @@ def batch_shapes(rows: int, length: int):
 
 def state_memory(state, mesh):
     """Per-device bytes of the sharded train state, from a compiled program that takes it."""
-    shardings = sharding.tree_shardings(state, mesh, indivisible="replicate")
+    shardings = parallel.tree_shardings(state, mesh, indivisible="replicate")
     compiled = jax.jit(lambda s: s, in_shardings=(shardings,), out_shardings=shardings,
                        donate_argnums=0).lower(state).compile()
     return {"state": compiled.memory_analysis().argument_size_in_bytes}
 
 
 def train_step_memory(module, optimizer, state, mesh, rows, length):
-    step = sharding.jit_train_step(make_train_step(module, optimizer), mesh, state, indivisible="replicate")
+    step = parallel.jit_train_step(make_train_step(module, optimizer), mesh, state, indivisible="replicate")
     batch = batch_shapes(rows, length)
     analysis = step.lower(state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32)).compile().memory_analysis()
-    batch_bytes = sum(4 * rows * length // sharding.batch_shards(mesh) for _ in batch)
+    batch_bytes = sum(4 * rows * length // parallel.batch_shards(mesh) for _ in batch)
     return {"state": analysis.argument_size_in_bytes - batch_bytes - 8, "temporaries": analysis.temp_size_in_bytes}
 
 
@@ -85,8 +85,8 @@ def preset_table(models, presets, train_step, rows, length):
         total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(state))
         print(f"| {name} | one device | 1, 1, 1 | {total / MIB:,.0f} |" + (" |" if train_step else ""))
         for preset in presets:
-            mesh = sharding.preset_mesh(preset)
-            sizes = ", ".join(str(mesh.shape[axis]) for axis in sharding.MESH_AXES)
+            mesh = parallel.preset_mesh(preset)
+            sizes = ", ".join(str(mesh.shape[axis]) for axis in parallel.MESH_AXES)
             if train_step:
                 memory = train_step_memory(module, optimizer, state, mesh, rows, length)
                 print(f"| {name} | {preset} | {sizes} | {memory['state'] / MIB:,.0f} | "
@@ -98,12 +98,12 @@ def preset_table(models, presets, train_step, rows, length):
 def knobs_table(models, rows, length):
     print("| model | scan_layers | remat_policy | compile (s) | train-step temporaries (MiB) |")
     print("| --- | --- | --- | --- | --- |")
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
     for name in models:
         for scan_layers in (False, True):
             for policy in ("none", "full", "dots_saveable"):
                 module, optimizer, state = model_and_state(name, scan_layers, policy)
-                step = sharding.jit_train_step(make_train_step(module, optimizer), mesh, state)
+                step = parallel.jit_train_step(make_train_step(module, optimizer), mesh, state)
                 lowered = step.lower(state, batch_shapes(rows, length), jax.ShapeDtypeStruct((2,), jnp.uint32))
                 start = time.perf_counter()
                 analysis = lowered.compile().memory_analysis()
@@ -115,7 +115,7 @@ def knobs_table(models, rows, length):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["bart-base", "bart-large"], help="directories under configs/")
-    parser.add_argument("--presets", nargs="+", default=list(sharding.PRESETS), help="sharding presets")
+    parser.add_argument("--presets", nargs="+", default=list(parallel.PRESETS), help="sharding presets")
     parser.add_argument("--train-step", action="store_true", help="compile the whole train step (slower)")
     parser.add_argument("--knobs", action="store_true", help="scan_layers x remat_policy on one device")
     parser.add_argument("--batch", type=int, default=8, help="rows per global batch (--train-step, --knobs)")

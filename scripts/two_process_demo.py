@@ -4,7 +4,7 @@
     python scripts/two_process_demo.py
 
 starts two worker processes (`--process-id 0` and `1`), which talk through
-`bart_jax.distributed.initialize` on a localhost port. Each worker builds the 2 x 2 x 2 mesh
+`bart_jax.parallel.distributed.initialize` on a localhost port. Each worker builds the 2 x 2 x 2 mesh
 over all 8 devices, places the same tiny model's parameters (uploading only its own shards),
 loads only its rows of each global batch, and runs a sharded forward pass, two AdamW train
 steps and greedy generation. Worker 0 writes the gathered results; the launcher then computes
@@ -34,7 +34,7 @@ def tiny_model():
     import jax.numpy as jnp
 
     from bart_jax.config import BartConfig
-    from bart_jax.modeling import BartForConditionalGeneration
+    from bart_jax.model.heads import BartForConditionalGeneration
 
     config = BartConfig(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=8,
                         decoder_attention_heads=8, encoder_ffn_dim=64, decoder_ffn_dim=64,
@@ -82,18 +82,18 @@ def run_everything(module, params, batch, forward, train_step, state, generate):
 
 
 def worker(process_id: int, port: int, output: str) -> None:
-    from bart_jax import distributed
+    from bart_jax.parallel import distributed
 
     distributed.initialize(f"localhost:{port}", NUM_PROCESSES, process_id)
     import jax
 
-    from bart_jax import sharding
+    from bart_jax import parallel
     from bart_jax.generation.generate import resolve_generation_config
 
     module, host_params, host_batch = tiny_model()
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    param_shardings = sharding.tree_shardings(host_params, mesh)
-    params = sharding.put_sharded(host_params, param_shardings)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    param_shardings = parallel.tree_shardings(host_params, mesh)
+    params = parallel.put_sharded(host_params, param_shardings)
     rows = distributed.process_rows(8, mesh)
     batch = distributed.global_batch({name: value[rows] for name, value in host_batch.items()}, mesh)
     print(f"process {jax.process_index()}: {jax.local_device_count()} of {jax.device_count()} devices, "
@@ -101,12 +101,12 @@ def worker(process_id: int, port: int, output: str) -> None:
 
     optimizer, train_step = make_train_step(module)
     state_shapes = jax.eval_shape(lambda p: (p, optimizer.init(p)), host_params)
-    sharded_step = sharding.jit_train_step(train_step, mesh, state_shapes)
-    state = sharding.jit_init(lambda p: (p, optimizer.init(p)), mesh, params)
+    sharded_step = parallel.jit_train_step(train_step, mesh, state_shapes)
+    state = parallel.jit_init(lambda p: (p, optimizer.init(p)), mesh, params)
     config = resolve_generation_config(module, None, max_new_tokens=5, no_repeat_ngram_size=0)
     results = run_everything(
-        module, params, batch, sharding.jit_forward(module, mesh, param_shardings), sharded_step, state,
-        sharding.jit_generate(module, mesh, param_shardings, config),
+        module, params, batch, parallel.jit_forward(module, mesh, param_shardings), sharded_step, state,
+        parallel.jit_generate(module, mesh, param_shardings, config),
     )
     results = distributed.to_host(results)
     if process_id == 0:

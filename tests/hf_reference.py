@@ -1,4 +1,5 @@
-"""Random-weight Hugging Face BART checkpoints for parity tests.
+"""Random-weight Hugging Face BART checkpoints for parity tests, the same converted to bart_jax,
+random batches, and where the shared test data (real tokenizer files, text samples) lives.
 
 transformers' random init leaves every bias at zero and every LayerNorm at (1, 0), which
 would hide a wrongly mapped bias or scale; `perturb` fills every tensor with seeded noise.
@@ -6,12 +7,24 @@ would hide a wrongly mapped bias or scale; `perturb` fills every tensor with see
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import numpy as np
 
+# Real files the tests read, kept outside the repository: the `shared/data` folder next to the
+# checkout. Tests that read them carry the `shared_data` marker or fixture (see conftest.py).
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TOKENIZER_DIR = SHARED_DATA / "bart-tokenizer"
+SHARED_DATA_FILES = (
+    TOKENIZER_DIR / "tokenizer.json",
+    TOKENIZER_DIR / "vocab.json",
+    TOKENIZER_DIR / "merges.txt",
+    SHARED_DATA / "summarization" / "xsum_bbc_extracts_dev.jsonl",
+    SHARED_DATA / "summarization" / "xsum_hf_fixture_sample.jsonl",
+    SHARED_DATA / "classification" / "mrpc_hf_fixture" / "dev.csv",
+    SHARED_DATA / "qa" / "squad_hf_fixture_sample.json",
+)
 
 TINY_CONFIG = dict(
     vocab_size=99,
@@ -84,3 +97,30 @@ def random_batch(vocab_size: int, batch: int = 3, length: int = 11, seed: int = 
         input_ids[row, :row_length] = tokens
         attention_mask[row, :row_length] = 1
     return input_ids, attention_mask
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_flax_model(head: str, **config_overrides):
+    """(bart_jax module, params) of a perturbed one-layer transformers model (non-zero biases, so a
+    wrongly ignored one would show); converting avoids compiling a Flax init. Cached: do not change
+    the params in place."""
+    import jax
+    import jax.numpy as jnp
+
+    from bart_jax.checkpoints.conversion import hf_to_flax
+    from bart_jax.config import BartConfig
+    from bart_jax.model import heads
+
+    reference = hf_model(head, seed=0, encoder_layers=1, decoder_layers=1, **config_overrides)
+    config = BartConfig.from_dict(reference.config.to_dict())
+    state = {key: value.detach().numpy() for key, value in reference.state_dict().items()}
+    return heads.head_class(head)(config), jax.tree.map(jnp.asarray, hf_to_flax(state, config, head))
+
+
+def seq2seq_training_batch(vocab_size: int, batch: int = 4) -> dict[str, np.ndarray]:
+    """A training batch of the seq2seq task: inputs [batch, 9], labels [batch, 7] padded with -100,
+    every example real (example_mask of ones)."""
+    input_ids, attention_mask = random_batch(vocab_size, batch=batch, length=9, seed=1)
+    labels, label_mask = random_batch(vocab_size, batch=batch, length=7, seed=2)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": np.where(label_mask == 1, labels, -100), "example_mask": np.ones(batch, np.float32)}

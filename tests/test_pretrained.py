@@ -10,18 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_reference import hf_model, random_batch, save_hf_model
 
 from bart_jax import BartForConditionalGeneration, load_pretrained
-from bart_jax.checkpoint_files import convert_hf_directory
-from hf_reference import TOKENIZER_DIR, hf_model, random_batch, save_hf_model
+from bart_jax.checkpoints.files import convert_hf_directory
 
 
 @pytest.fixture(scope="module")
-def generation_dir(tmp_path_factory):
+def generation_dir(tmp_path_factory, tokenizer_dir):
     model = hf_model("BartForConditionalGeneration", seed=1)
     directory = save_hf_model(model, tmp_path_factory.mktemp("hf") / "model")
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
-        shutil.copy(TOKENIZER_DIR / name, directory / name)
+        shutil.copy(tokenizer_dir / name, directory / name)
     return model, directory
 
 

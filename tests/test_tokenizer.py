@@ -22,6 +22,9 @@ from bart_jax.tokenizer import BartTokenizer
 
 transformers = pytest.importorskip("transformers")
 
+# Every test reads the real tokenizer files or text samples.
+pytestmark = pytest.mark.shared_data
+
 MODEL_MAX_LENGTH = 1024
 
 HARD_CASES = [
@@ -58,6 +61,15 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _read_pairs(path):
+    with open(path, encoding="utf-8") as f:
+        return [(row["sentence1"], row["sentence2"]) for row in csv.DictReader(f)]
+
+
+# Read once, at import. Without the shared data both are empty (a glob of a missing folder finds
+# nothing), so that the tests are skipped or fail as conftest.py says rather than the import failing.
+MRPC_FILE = SHARED_DATA / "classification" / "mrpc_hf_fixture" / "dev.csv"
+MRPC_PAIRS = _read_pairs(MRPC_FILE) if MRPC_FILE.is_file() else []
 SUMMARIZATION_TEXTS = [
     text
     for path in sorted((SHARED_DATA / "summarization").glob("*.jsonl"))
@@ -68,9 +80,6 @@ ALL_TEXTS = SUMMARIZATION_TEXTS + HARD_CASES
 # `<mask>` strips the space before it and special-token strings decode as tokens, so these
 # texts do not survive an encode/decode round trip (in transformers either).
 ROUND_TRIP_TEXTS = [text for text in ALL_TEXTS if not any(s in text for s in ("<s>", "</s>", "<pad>", "<mask>"))]
-
-with open(SHARED_DATA / "classification" / "mrpc_hf_fixture" / "dev.csv", encoding="utf-8") as f:
-    MRPC_PAIRS = [(row["sentence1"], row["sentence2"]) for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------- fixtures

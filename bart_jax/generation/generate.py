@@ -7,6 +7,11 @@ shared by its beams (or samples); the decoder runs on a preallocated self-attent
 decoder start token and are right-padded to the longest row). `generate_static` is the jitted
 core with static output shapes — [rows, max_length] plus per-row lengths — for callers that pad
 inputs to fixed buckets and trim the output themselves.
+
+The module's kernel policy (bart_jax/model/kernels/) decides the cache's layout. `generate`
+settles kernels="auto" from where the parameters live; `generate_static` given "auto" traces
+the generation for both layouts and lowering keeps the one of the platform it compiles for, so
+that exporting or compiling ahead of time for an accelerator from a CPU host is right.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from bart_jax.cache import init_cache, reorder_cache
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.search import SearchOutput, search
+from bart_jax.model.cache import init_cache, reorder_cache
+from bart_jax.model.kernels import settled
 
 # A BART decoder prompt is the decoder start token alone.
 DECODER_PROMPT_LENGTH = 1
@@ -88,8 +95,8 @@ def generate(
         raise ValueError(f"attention_mask shape {attention_mask.shape} differs from input_ids shape {input_ids.shape}")
     if config.do_sample and prng_key is None:
         raise ValueError("do_sample=True needs a prng_key (e.g. jax.random.PRNGKey(0))")
-    output = generate_static(module, params, input_ids.astype(jnp.int32), attention_mask.astype(jnp.int32),
-                             config, prng_key)
+    output = generate_static(settled(module, params), params, input_ids.astype(jnp.int32),
+                             attention_mask.astype(jnp.int32), config, prng_key)
     length = int(np.max(np.asarray(output.lengths)))
     sequences = output.sequences[:, :length]
     if return_scores:
@@ -113,6 +120,17 @@ def generate_static(
     each row's end), lengths [batch * num_return_sequences], scores (beam search only).
     Compiles once per (module, input shapes, config).
     """
+    if module.kernels != "auto":
+        return _generate(module, params, input_ids, attention_mask, prng_key, config)
+    policies = {kernels: functools.partial(_generate, module.clone(kernels=kernels), config=config)
+                for kernels in ("cpu", "portable")}
+    return lax.platform_dependent(params, input_ids, attention_mask, prng_key, cpu=policies["cpu"],
+                                  default=policies["portable"])
+
+
+def _generate(module: Any, params: Any, input_ids: jax.Array, attention_mask: jax.Array, prng_key: Optional[jax.Array],
+              config: GenerationConfig) -> SearchOutput:
+    """`generate_static`'s body for a module of one kernel policy ("cpu" or "portable")."""
     variables = {"params": params}
     batch = input_ids.shape[0]
     encoded = module.apply(variables, input_ids, attention_mask, method="encode")
@@ -126,7 +144,8 @@ def generate_static(
 
     beam_search = config.num_beams > 1
     rows_per_input = config.num_beams if beam_search else config.num_return_sequences
-    cache = init_cache(module.config, batch, config.max_length, rows_per_input, module.dtype)
+    cache = init_cache(module.config, batch, config.max_length, rows_per_input, module.dtype, module.kernels)
     prompt_rows = batch if beam_search else batch * rows_per_input
     prompt_ids = jnp.full((prompt_rows, DECODER_PROMPT_LENGTH), config.decoder_start_token_id, jnp.int32)
-    return search(tokens_to_logits, cache, prompt_ids, config, prng_key, reorder_cache=reorder_cache)
+    return search(tokens_to_logits, cache, prompt_ids, config, prng_key, reorder_cache=reorder_cache,
+                  kernels=module.kernels)

@@ -13,7 +13,8 @@ already hold every prompt token but the last (nothing, for a one-token decoder p
 
 The semantics are transformers' `_sample` and `_beam_search` (vectorised beam search: 2 x beams
 candidates per step, finished hypotheses kept best first); the config must be resolved
-(`GenerationConfig.resolve`) so that lengths are absolute.
+(`GenerationConfig.resolve`) so that lengths are absolute. `kernels` chooses how top-k and argmax
+over the vocabulary run (bart_jax/model/kernels/top_k.py); the ids are the same.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jax import lax
 
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.logits_processors import LogitsProcessor, build_logits_processors, chain, divide
-from bart_jax.generation.top_k import argmax, top_k
+from bart_jax.model.kernels.top_k import argmax, top_k
 
 Array = jax.Array
 TokensToLogits = Callable[[Array, Any, Array], tuple[Array, Any]]
@@ -82,6 +83,7 @@ def sample_search(
     config: GenerationConfig,
     prng_key: Optional[Array] = None,
     processor: Optional[LogitsProcessor] = None,
+    kernels: str = "auto",
 ) -> SearchOutput:
     """Greedy search (`config.do_sample=False`) or multinomial sampling, one token per row and step.
 
@@ -107,7 +109,7 @@ def sample_search(
             key = jax.random.fold_in(prng_key, cur_len)
             tokens = jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)  # [rows]
         else:
-            tokens = argmax(scores)  # [rows]
+            tokens = argmax(scores, kernels)  # [rows]
         if eos_ids:
             tokens = jnp.where(unfinished, tokens, pad)  # [rows]
         sequences = lax.dynamic_update_slice_in_dim(sequences, tokens[:, None], cur_len, axis=1)
@@ -129,11 +131,11 @@ def sample_search(
     return SearchOutput(sequences, lengths)
 
 
-def greedy_search(tokens_to_logits, cache, prompt_ids, config, processor=None) -> SearchOutput:
+def greedy_search(tokens_to_logits, cache, prompt_ids, config, processor=None, kernels: str = "auto") -> SearchOutput:
     """`sample_search` with the argmax token (config.do_sample must be False)."""
     if config.do_sample:
         raise ValueError("greedy_search needs do_sample=False; use sample_search")
-    return sample_search(tokens_to_logits, cache, prompt_ids, config, None, processor)
+    return sample_search(tokens_to_logits, cache, prompt_ids, config, None, processor, kernels)
 
 
 # --------------------------------------------------------------------------------------
@@ -179,6 +181,7 @@ def beam_search(
     prng_key: Optional[Array] = None,
     processor: Optional[LogitsProcessor] = None,
     reorder_cache: ReorderCache = gather_cache_rows,
+    kernels: str = "auto",
 ) -> SearchOutput:
     """Beam search (or beam sampling with `config.do_sample`), transformers' vectorised algorithm.
 
@@ -221,11 +224,11 @@ def beam_search(
         if config.do_sample:
             # Gumbel top-k draws `keep` candidates without replacement from softmax(log_probs).
             key = jax.random.fold_in(prng_key, cur_len)
-            _, drawn = top_k(log_probs + jax.random.gumbel(key, log_probs.shape), keep)  # [batch, keep]
+            _, drawn = top_k(log_probs + jax.random.gumbel(key, log_probs.shape), keep, kernels)  # [batch, keep]
             topk_scores, order = lax.top_k(jnp.take_along_axis(log_probs, drawn, axis=1), keep)  # [batch, keep]
             topk_indices = jnp.take_along_axis(drawn, order, axis=1)  # [batch, keep]
         else:
-            topk_scores, topk_indices = top_k(log_probs, keep)  # [batch, keep]
+            topk_scores, topk_indices = top_k(log_probs, keep, kernels)  # [batch, keep]
         topk_source_beams = topk_indices // vocab  # [batch, keep]
         topk_tokens = (topk_indices % vocab).astype(jnp.int32)  # [batch, keep]
         topk_sequences = _gather_beams(state.running_sequences, topk_source_beams)  # [batch, keep, max_length]
@@ -301,12 +304,12 @@ def beam_search(
 
 
 def search(tokens_to_logits, cache, prompt_ids, config, prng_key=None, processor=None,
-           reorder_cache: ReorderCache = gather_cache_rows) -> SearchOutput:
+           reorder_cache: ReorderCache = gather_cache_rows, kernels: str = "auto") -> SearchOutput:
     """Greedy search, sampling or beam search, as `config` (resolved) asks.
 
     Rows of `prompt_ids` and of the cache: [batch * num_return_sequences] for greedy search and
     sampling, prompt [batch] and cache [batch * num_beams] for beam search.
     """
     if config.num_beams > 1:
-        return beam_search(tokens_to_logits, cache, prompt_ids, config, prng_key, processor, reorder_cache)
-    return sample_search(tokens_to_logits, cache, prompt_ids, config, prng_key, processor)
+        return beam_search(tokens_to_logits, cache, prompt_ids, config, prng_key, processor, reorder_cache, kernels)
+    return sample_search(tokens_to_logits, cache, prompt_ids, config, prng_key, processor, kernels)

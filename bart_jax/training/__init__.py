@@ -4,7 +4,12 @@
 (`python train.py --help`).
 """
 
+import json
+import logging
+import sys
+
 from bart_jax.training.arguments import TrainingArguments, parse_arguments
+from bart_jax.training.host_memory import keep_freed_host_memory, training_on_cpu
 from bart_jax.training.loop import NonFiniteLossError, train
 from bart_jax.training.noise import NoiseConfig, NoiseVocabulary, add_noise
 from bart_jax.training.train_step import TrainState, make_eval_step, make_train_step
@@ -26,12 +31,6 @@ __all__ = [
 
 def main(argv=None) -> int:
     """The command line: parses options (recipe + flags), trains, prints the final metrics as JSON."""
-    import json
-    import logging
-    import sys
-
-    from bart_jax.host_memory import keep_freed_host_memory
-
     # Only bart_jax's messages at INFO: orbax and jax log a lot at that level.
     package_logger = logging.getLogger("bart_jax")
     if not package_logger.handlers:
@@ -40,12 +39,16 @@ def main(argv=None) -> int:
         package_logger.addHandler(handler)
         package_logger.setLevel(logging.INFO)
         package_logger.propagate = False
-    keep_freed_host_memory()
+    if training_on_cpu():
+        keep_freed_host_memory()
     try:
         arguments = parse_arguments(argv)
         results = train(arguments)
     except (ValueError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # an unreadable or unwritable path: one line naming it
+        print(f"error: {error.filename}: {error.strerror}" if error.filename else f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(results, sort_keys=True))
     return 0

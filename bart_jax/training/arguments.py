@@ -12,7 +12,7 @@ import os
 import typing
 from typing import Optional, Sequence
 
-from bart_jax.layers import REMAT_POLICIES
+from bart_jax.model.layers import REMAT_POLICIES
 from bart_jax.training import recipes
 
 TASKS = ("denoise", "seq2seq", "classify", "qa")
@@ -101,7 +101,7 @@ class TrainingArguments:
     seed: int = dataclasses.field(default=42, metadata={"help": "seed of init, data order, noise and dropout"})
     mesh: Optional[str] = dataclasses.field(
         default=None, metadata={"help": "shard over all devices: data, fsdp, tensor, fsdp+tensor, ... "
-                                        "(bart_jax.sharding presets); default: one device"})
+                                        "(bart_jax.parallel presets); default: one device"})
     # --- evaluation -----------------------------------------------------------------------------
     eval_steps: Optional[int] = dataclasses.field(
         default=None, metadata={"help": "evaluate every N updates (always at the end when there is validation data)"})
@@ -160,6 +160,17 @@ class TrainingArguments:
         if bool(self.model_name_or_path) == bool(self.config_name):
             raise ValueError("pass exactly one of --model_name_or_path (fine-tune) and --config_name (from scratch)")
         self.validate()
+        self.check_output_dir()
+
+    def check_output_dir(self) -> None:
+        """Refuses an output_dir that is a file or lies under one, before any work."""
+        path = os.path.abspath(self.output_dir)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            where = "is" if path == os.path.abspath(self.output_dir) else f"lies under {path}, which is"
+            raise ValueError(f"--output_dir {self.output_dir} {where} a file, not a directory; "
+                             f"choose another --output_dir")
 
     def column(self, name: str) -> Optional[str]:
         """The column option `name`, or the task's default column."""

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from bart_jax.losses import IGNORE_INDEX
+from bart_jax.model.losses import IGNORE_INDEX
 from bart_jax.training.features import TaskData
 
 

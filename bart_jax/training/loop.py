@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from typing import Any, Optional
 
@@ -18,17 +19,20 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from bart_jax.checkpoints.hub import resolve_model_directory
 from bart_jax.config import BartConfig
-from bart_jax.hub import resolve_model_directory
-from bart_jax.losses import IGNORE_INDEX
-from bart_jax.sharding import preset_mesh
+from bart_jax.model.kernels import settled
+from bart_jax.model.losses import IGNORE_INDEX
+from bart_jax.parallel.mesh import preset_mesh
 from bart_jax.training import checkpointing, features, noise, qa
 from bart_jax.training.arguments import RESUMABLE_CHANGES, TrainingArguments
 from bart_jax.training.batching import DataPosition, collate, training_batches
 from bart_jax.training.data import column_values, read_records
 from bart_jax.training.evaluation import evaluate
-from bart_jax.training.metrics import MetricsLog
+from bart_jax.training.metrics import METRICS_FILE, MetricsLog
 from bart_jax.training.models import (
+    HF_MODEL_DIR,
+    MODEL_DIR,
     TrainingModel,
     config_from_name,
     export_model,
@@ -48,10 +52,33 @@ logger = logging.getLogger(__name__)
 
 # The validation split's denoising noise is drawn with the training seed plus this.
 EVALUATION_SEED_OFFSET = 1
+# What a run writes in output_dir (overwrite_output_dir deletes the first three); "tensorboard" is
+# MetricsLog's directory.
+OUTPUT_NAMES = (checkpointing.CHECKPOINT_DIR, checkpointing.RUN_CONFIG_FILE, METRICS_FILE, "tensorboard",
+                MODEL_DIR, HF_MODEL_DIR)
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss or gradient."""
+
+
+def _is_within(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def check_data_outside_outputs(arguments: TrainingArguments) -> None:
+    """Refuses an output_dir where the run would overwrite or delete its own data: a data file (or
+    saved dataset directory) where the run writes in output_dir (OUTPUT_NAMES)."""
+    output_dir = arguments.output_dir
+    for option in ("train_file", "validation_file"):
+        path = getattr(arguments, option)
+        if not path:
+            continue
+        for name in OUTPUT_NAMES:
+            if _is_within(path, os.path.join(output_dir, name)):
+                raise ValueError(f"--{option} {path} lies where the run writes in --output_dir "
+                                 f"({os.path.join(output_dir, name)}); choose another --output_dir")
 
 
 def _base_config(arguments: TrainingArguments) -> BartConfig:
@@ -189,8 +216,13 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
     batch_size = arguments.per_device_train_batch_size * jax.device_count() * arguments.gradient_accumulation_steps
     # The data position counts batches: resuming needs the same number of examples per batch.
     identity = {**arguments.run_identity(), "train_batch_size": batch_size}
-    checkpointing.prepare_output_dir(arguments.output_dir, identity, arguments.overwrite_output_dir,
-                                     RESUMABLE_CHANGES)
+    check_data_outside_outputs(arguments)
+    try:
+        checkpointing.prepare_output_dir(arguments.output_dir, identity, arguments.overwrite_output_dir,
+                                         RESUMABLE_CHANGES)
+    except OSError as error:  # before any data or model is read: one line naming the path
+        raise ValueError(f"cannot write --output_dir {arguments.output_dir}: {error.strerror or error} "
+                         f"({error.filename})") from None
     init_key, dropout_key = jax.random.split(jax.random.PRNGKey(arguments.seed))
     setup = _set_up(arguments, batch_size, init_key)
     model = setup.model
@@ -199,8 +231,10 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
                                       arguments.lr_scheduler_type)
     optimizer = make_optimizer(model.params, schedule, arguments.weight_decay, arguments.adam_beta1,
                                arguments.adam_beta2, arguments.adam_epsilon, arguments.max_grad_norm)
-    objective = make_objective(model.module, arguments.task, arguments.label_smoothing_factor)
     mesh = preset_mesh(arguments.mesh) if arguments.mesh else None
+    # The kernels of the platform the step runs on, settled once: "auto" would trace both.
+    model = dataclasses.replace(model, module=settled(model.module, mesh=mesh))
+    objective = make_objective(model.module, arguments.task, arguments.label_smoothing_factor)
     step_function = make_train_step(objective, optimizer, trainable_mask(model.params), schedule)
     train_step, state = compile_train_step(step_function, model.params, optimizer, mesh)
     eval_step = compile_eval_step(make_eval_step(objective), state.params, mesh)

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from bart_jax import checkpoint_files, conversion
+from bart_jax.checkpoints import conversion, files
+from bart_jax.checkpoints.hub import resolve_model_directory
 from bart_jax.config import BartConfig
 from bart_jax.generation.config import GenerationConfig
-from bart_jax.hub import resolve_model_directory
-from bart_jax.modeling import head_class
+from bart_jax.model.registry import BASE_MODEL, head_spec, init_inputs
 from bart_jax.tokenizer import BartTokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,16 +68,12 @@ def config_from_name(config_name: str) -> tuple[BartConfig, str]:
     raise ValueError(f"config not found: {config_name} (pass a directory with config.json, or the file)")
 
 
-def _dummy_inputs(config: BartConfig) -> dict[str, jax.Array]:
-    return {"input_ids": jnp.array([[config.bos_token_id, config.eos_token_id]], jnp.int32)}
-
-
 def initial_params(module: Any, rng: jax.Array, names: Optional[tuple[str, ...]] = None) -> Any:
     """The module's own random init; with `names`, only those top-level subtrees (the rest is
     never computed: jit drops what is not returned)."""
 
     def init(key):
-        params = module.init(key, **_dummy_inputs(module.config))["params"]
+        params = module.init(key, **init_inputs(module.config))["params"]
         return params if names is None else {name: params[name] for name in names}
 
     return jax.jit(init)(rng)
@@ -85,10 +81,10 @@ def initial_params(module: Any, rng: jax.Array, names: Optional[tuple[str, ...]]
 
 def _checkpoint_state_dict(directory: str) -> dict[str, np.ndarray]:
     """A checkpoint's weights in transformers' names, from either directory format."""
-    if checkpoint_files.is_converted_directory(directory):
-        saved_config, params, saved_head = checkpoint_files.load_converted(directory)
+    if files.is_converted_directory(directory):
+        saved_config, params, saved_head = files.load_converted(directory)
         return conversion.flax_to_hf(params, saved_config, saved_head)
-    return checkpoint_files.load_hf_state_dict(directory)
+    return files.load_hf_state_dict(directory)
 
 
 def pretrained_params(directory: str, config: BartConfig, head: str, module: Any, rng: jax.Array) -> Any:
@@ -101,7 +97,7 @@ def pretrained_params(directory: str, config: BartConfig, head: str, module: Any
     fresh_parts = set()
     for path, shape in traverse_util.flatten_dict(expected).items():
         key = conversion.hf_key(path)
-        if path[0] == "model" or (key in state and np.shape(state[key]) == shape):
+        if path[0] == BASE_MODEL or (key in state and np.shape(state[key]) == shape):
             continue
         if key in state:
             logger.warning("not loading %s %s: the new head needs %s", key, np.shape(state[key]), shape)
@@ -120,7 +116,7 @@ def load_training_model(model_name_or_path: Optional[str], config_name: Optional
                         config_changes: dict[str, Any], dtype: str, tokenizer_name: Optional[str],
                         rng: jax.Array, remat_policy: str = "none", scan_layers: bool = False) -> TrainingModel:
     """The head to train, from a checkpoint (`model_name_or_path`) or from scratch (`config_name`).
-    `remat_policy`: the layers' rematerialisation (bart_jax.layers.REMAT_POLICIES); `scan_layers`:
+    `remat_policy`: the layers' rematerialisation (bart_jax.model.layers.REMAT_POLICIES); `scan_layers`:
     each layer stack as one `nn.scan`, its parameters stacked (`conversion.stack_layers`)."""
     if model_name_or_path:
         directory = resolve_model_directory(model_name_or_path)
@@ -131,8 +127,9 @@ def load_training_model(model_name_or_path: Optional[str], config_name: Optional
         config = config.replace(**config_changes)
     except (TypeError, ValueError) as error:
         raise ValueError(f"invalid config change {config_changes}: {error}") from None
-    module = head_class(task_head)(config, dtype=jnp.dtype(dtype), param_dtype=jnp.float32,
-                                   scan_layers=scan_layers, remat_policy=remat_policy)
+    spec = head_spec(task_head)
+    module = spec.module(config, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, scan_layers=scan_layers,
+                         remat_policy=remat_policy)
     if model_name_or_path:
         params = pretrained_params(directory, config, task_head, module, rng)
         params = conversion.stack_layers(params) if scan_layers else params
@@ -146,8 +143,7 @@ def load_training_model(model_name_or_path: Optional[str], config_name: Optional
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size}")
-    generation_config = GenerationConfig.from_pretrained(directory) if task_head == "BartForConditionalGeneration" \
-        else None
+    generation_config = GenerationConfig.from_pretrained(directory) if spec.generates else None
     return TrainingModel(config, task_head, module, params, tokenizer, generation_config, directory)
 
 
@@ -159,8 +155,8 @@ def export_model(model: TrainingModel, params: Any, output_dir: str) -> tuple[st
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     params = conversion.unstack_layers(params) if model.module.scan_layers else params
     directories = (os.path.join(output_dir, MODEL_DIR), os.path.join(output_dir, HF_MODEL_DIR))
-    checkpoint_files.save_converted(params, model.config, model.head, directories[0], copy_files_from=model.source)
-    checkpoint_files.save_hf_directory(params, model.config, model.head, directories[1], copy_files_from=model.source)
+    files.save_converted(params, model.config, model.head, directories[0], copy_files_from=model.source)
+    files.save_hf_directory(params, model.config, model.head, directories[1], copy_files_from=model.source)
     for directory in directories:
         model.tokenizer.save_pretrained(directory)
     return directories

@@ -12,16 +12,14 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from bart_jax.losses import IGNORE_INDEX
-from bart_jax.modeling import shift_tokens_right
+from bart_jax.model.heads import shift_tokens_right
+from bart_jax.model.losses import IGNORE_INDEX
+from bart_jax.model.registry import head_spec, training_task_heads
 
-TASK_HEADS = {
-    "denoise": "BartForConditionalGeneration",
-    "seq2seq": "BartForConditionalGeneration",
-    "classify": "BartForSequenceClassification",
-    "qa": "BartForQuestionAnswering",
-}
-GENERATIVE_TASKS = ("denoise", "seq2seq")
+# Task -> the head it trains ("denoise", "seq2seq", "classify", "qa"), as the head registry declares.
+TASK_HEADS = training_task_heads()
+# Tasks whose labels are target token ids (the seq2seq LM objective).
+GENERATIVE_TASKS = tuple(task for task, head in TASK_HEADS.items() if head_spec(head).token_labels)
 
 # (params, batch, dropout_rng or None) -> (loss_sum, weight, predictions); no rng: evaluation mode.
 Objective = Callable[[Any, dict, Optional[jax.Array]], tuple[jax.Array, jax.Array, dict]]

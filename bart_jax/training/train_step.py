@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bart_jax import parallel
 from bart_jax.training.objectives import Objective
 
 
@@ -89,7 +90,7 @@ def compile_train_step(train_step: Callable, params: Any, optimizer: optax.Gradi
 
     The one place the step is compiled. Without a mesh: one device, and the state is committed
     to it as a restored checkpoint is, so that a fresh and a resumed run compile the same program.
-    With a `jax.sharding.Mesh` (bart_jax.sharding): params and optimizer state are split by the
+    With a `jax.sharding.Mesh` (bart_jax.parallel): params and optimizer state are split by the
     sharding rules and the micro-batches over the batch axes; the parameters are placed shard by
     shard and the optimizer state is created already split, so neither is ever whole on one device.
     """
@@ -98,13 +99,11 @@ def compile_train_step(train_step: Callable, params: Any, optimizer: optax.Gradi
 
     if mesh is None:
         return jax.jit(train_step, donate_argnums=(0,)), jax.device_put(initial_state(params), jax.devices()[0])
-    from bart_jax import sharding
-
     # BART's vocabulary (50265) splits over no mesh axis: such dimensions stay whole on every device.
-    jitted = sharding.jit_train_step(train_step, mesh, jax.eval_shape(initial_state, params), batch_axis=1,
+    jitted = parallel.jit_train_step(train_step, mesh, jax.eval_shape(initial_state, params), batch_axis=1,
                                      indivisible="replicate")
     shardings = jitted.state_shardings
-    placed = sharding.put_sharded(params, shardings.params)
+    placed = parallel.put_sharded(params, shardings.params)
     return jitted, jax.jit(initial_state, out_shardings=shardings)(placed)
 
 
@@ -113,8 +112,6 @@ def compile_eval_step(eval_step: Callable, params: Any, mesh: Optional[Any] = No
     are and the batch is split."""
     if mesh is None:
         return jax.jit(eval_step)
-    from bart_jax import sharding
-
     param_shardings = jax.tree.map(lambda array: array.sharding, params)
-    return sharding.jit_sharded(eval_step, mesh, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                                out_shardings=sharding.replicated(mesh))
+    return parallel.jit_sharded(eval_step, mesh, in_shardings=(param_shardings, parallel.batch_sharding(mesh)),
+                                out_shardings=parallel.replicated(mesh))

@@ -1,0 +1,2 @@
+"""What users run: the `bart-jax` command, batch summarization, pipelines, conversion and the
+side-by-side benchmark."""

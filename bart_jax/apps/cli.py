@@ -1,0 +1,273 @@
+"""The `bart-jax` command (also `python -m bart_jax`): summarize, warmup, fill-mask,
+zero-shot, qa, bench and convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from bart_jax.apps import benchmark, document_io, pipelines
+from bart_jax.apps.compilation_cache import enable_persistent_cache
+from bart_jax.apps.convert import main as convert_main
+from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, iter_summaries, source_limit, warmup
+from bart_jax.model.kernels import KERNELS
+from bart_jax.pretrained import load_pretrained
+
+DEFAULT_MODEL = "facebook/bart-large-cnn"
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "bart_jax", "xla")
+
+# Generation options on the command line: flag -> (GenerationConfig field, type).
+GENERATION_FLAGS = {
+    "--num-beams": ("num_beams", int),
+    "--num-return-sequences": ("num_return_sequences", int),
+    "--max-length": ("max_length", int),
+    "--max-new-tokens": ("max_new_tokens", int),
+    "--min-length": ("min_length", int),
+    "--min-new-tokens": ("min_new_tokens", int),
+    "--length-penalty": ("length_penalty", float),
+    "--no-repeat-ngram-size": ("no_repeat_ngram_size", int),
+    "--repetition-penalty": ("repetition_penalty", float),
+    "--temperature": ("temperature", float),
+    "--top-k": ("top_k", int),
+    "--top-p": ("top_p", float),
+}
+
+
+def _early_stopping(value: str):
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "never":
+        return "never"
+    raise argparse.ArgumentTypeError("early stopping is true, false or never")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default: Optional[str] = DEFAULT_MODEL) -> None:
+    parser.add_argument("--model", default=default, required=default is None,
+                        help="hub id, Hugging Face directory or converted bart_jax directory (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="computation dtype (weights stay float32)")
+    parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                        help="backend formulations: those of the platform the model runs on (auto), the plain JAX "
+                             "ones every backend runs (portable), or the CPU-tuned ones; results agree")
+    parser.add_argument("--compilation-cache", default=os.environ.get("BART_JAX_COMPILATION_CACHE", DEFAULT_CACHE_DIR),
+                        help="persistent XLA compilation cache directory (default: %(default)s)")
+    parser.add_argument("--no-compilation-cache", action="store_true", help="do not use the persistent cache")
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (defaults: the model's generation_config.json)")
+    for flag, (_, kind) in GENERATION_FLAGS.items():
+        group.add_argument(flag, type=kind)
+    group.add_argument("--early-stopping", type=_early_stopping)
+    group.add_argument("--do-sample", action="store_true", default=None)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--batch-size", type=int, default=8)
+    group.add_argument("--max-source-length", type=int, help="truncate documents to this many tokens")
+
+
+def generation_options(args: argparse.Namespace) -> dict:
+    options = {}
+    for flag, (name, _) in GENERATION_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            options[name] = value
+    if args.early_stopping is not None:
+        options["early_stopping"] = args.early_stopping
+    if args.do_sample:
+        options["do_sample"] = True
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bart-jax", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    summarize = commands.add_parser("summarize", help="summarize a file of documents")
+    summarize.add_argument("input", help=".txt (one document per line), .jsonl, or - for standard input")
+    summarize.add_argument("-o", "--output", help="output JSON lines (default: standard output)")
+    summarize.add_argument("--text-field", help="JSON field holding the text (default: text, document or article)")
+    summarize.add_argument("--resume", action="store_true", help="skip documents already in --output")
+    summarize.add_argument("--warmup", action="store_true", help="compile every bucket shape before starting")
+    summarize.add_argument("--no-progress", action="store_true")
+    _add_model_arguments(summarize)
+    _add_generation_arguments(summarize)
+
+    warmup = commands.add_parser("warmup", help="compile generation for every bucket shape ahead of time")
+    warmup.add_argument("--lengths", type=int, nargs="+", help="source length buckets (default: all)")
+    _add_model_arguments(warmup)
+    _add_generation_arguments(warmup)
+
+    fill = commands.add_parser("fill-mask", help="fill the <mask> tokens of a text")
+    fill.add_argument("text")
+    fill.add_argument("--top-k", type=int, default=5)
+    _add_model_arguments(fill, default="facebook/bart-large")
+
+    zero_shot = commands.add_parser("zero-shot", help="zero-shot classification with an MNLI model")
+    zero_shot.add_argument("text")
+    zero_shot.add_argument("--labels", required=True, help="comma-separated candidate labels")
+    zero_shot.add_argument("--hypothesis-template", default="This example is {}.")
+    zero_shot.add_argument("--multi-label", action="store_true")
+    _add_model_arguments(zero_shot, default="facebook/bart-large-mnli")
+
+    qa = commands.add_parser("qa", help="extract the answer to a question from a context")
+    qa.add_argument("question")
+    qa.add_argument("context")
+    _add_model_arguments(qa, default=None)
+
+    benchmark.build_parser(commands.add_parser("bench", help="benchmark against transformers and CTranslate2"))
+
+    convert = commands.add_parser("convert", help="convert checkpoints (same arguments as convert_weights.py)",
+                                  add_help=False)
+    convert.add_argument("arguments", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _load(args):
+    if not args.no_compilation_cache:
+        enable_persistent_cache(os.path.expanduser(args.compilation_cache))
+    return load_pretrained(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+                           kernels=args.kernels)
+
+
+def _progress(total: int, enabled: bool):
+    return tqdm(total=total, unit="doc", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def summary_settings(args: argparse.Namespace) -> dict:
+    """What a summary depends on besides its document; a resumed job must use the same."""
+    model = os.path.realpath(args.model) if os.path.isdir(args.model) else args.model
+    return {"options": generation_options(args), "seed": args.seed, "max_source_length": args.max_source_length,
+            "model": model, "dtype": args.dtype}
+
+
+def run_summarize(args) -> int:
+    lock = None
+    if args.output:
+        # Before any work: an output that cannot be written, or that another job is writing, fails at once.
+        document_io.check_output(args.output, args.input)
+        lock = document_io.OutputLock(args.output)
+    try:
+        return _summarize(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _summarize(args) -> int:
+
+    report = document_io.read_documents(args.input, args.text_field)
+    documents = report.documents
+    settings = document_io.options_hash(summary_settings(args))
+    done = document_io.read_done(args.output) if args.output and args.resume else {}
+    document_io.check_done(args.output, done, documents, settings)
+    todo = [document for document in documents if document.index not in done]
+    model = _load(args)
+    options = generation_options(args)
+    if args.warmup:
+        limit = source_limit(model, args.max_source_length)
+        lengths = sorted({min(size, limit) for size in LENGTH_BUCKETS})
+        began = time.perf_counter()
+        count = warmup(model, args.batch_size, lengths, **options)
+        print(f"warmup: compiled {count} shapes in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+
+    if args.output:
+        writer = document_io.ResultWriter(args.output, resume=args.resume)
+    else:
+        writer = document_io.OrderedWriter(sys.stdout, (document.index for document in todo))
+    stats = SummaryStats()
+    started = time.perf_counter()
+    progress = _progress(len(todo), not args.no_progress)
+
+    def on_batch(count: int, tokens: int) -> None:
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        progress.update(count)
+        progress.set_postfix(docs_per_s=f"{stats.documents / elapsed:.2f}",
+                             tokens_per_s=f"{stats.generated_tokens / elapsed:.1f}")
+
+    try:
+        for position, summary in iter_summaries(model, [d.text for d in todo], args.batch_size, args.max_source_length,
+                                                args.seed, stats, on_batch, **options):
+            document = todo[position]
+            record = {"index": document.index, "summary": summary, "text_hash": document_io.text_hash(document.text),
+                      "options_hash": settings}
+            if document.id is not None:
+                record = {"id": document.id, **record}
+            writer.write(record)
+    finally:
+        progress.close()
+        writer.close()
+    if args.output:
+        document_io.finalize(args.output, len(documents))
+    wall = time.perf_counter() - started
+    summary = {
+        "documents": stats.documents, "skipped_by_resume": len(done), "empty": stats.empty,
+        "truncated": stats.truncated, "replaced_bytes_lines": report.replaced_bytes_lines,
+        "source_tokens": stats.source_tokens, "generated_tokens": stats.generated_tokens,
+        "wall_seconds": round(wall, 2), "compiles": stats.compiles, "shapes": sorted(stats.shapes),
+    }
+    print("summary: " + json.dumps(summary), file=sys.stderr)
+    for count, message in ((stats.empty, "empty documents got empty summaries"),
+                           (stats.truncated, "documents were longer than the model's input and were truncated"),
+                           (report.replaced_bytes_lines, "lines had bytes that are not UTF-8; they were replaced")):
+        if count:
+            print(f"warning: {count} {message}", file=sys.stderr)
+    return 0
+
+
+def run_warmup(args) -> int:
+
+    model = _load(args)
+    limit = source_limit(model, args.max_source_length)
+    lengths = args.lengths or sorted({min(size, limit) for size in LENGTH_BUCKETS})
+    began = time.perf_counter()
+    count = warmup(model, args.batch_size, lengths, **generation_options(args))
+    print(f"compiled {count} shapes in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    return 0
+
+
+def run_pipeline(args) -> int:
+
+    model = _load(args)
+    if args.command == "fill-mask":
+        result = pipelines.fill_mask(model, args.text, top_k=args.top_k)
+    elif args.command == "zero-shot":
+        result = pipelines.zero_shot_classify(model, args.text, args.labels, args.hypothesis_template, args.multi_label)
+    else:
+        result = pipelines.answer_question(model, args.question, args.context)
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return 0
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line naming the path of a failed file operation."""
+    if error.filename is None:
+        return str(error)
+    return f"{error.filename}: {error.strerror or error}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        return convert_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    runners = {"summarize": run_summarize, "warmup": run_warmup, "bench": benchmark.run_command}
+    try:
+        return runners.get(args.command, run_pipeline)(args)
+    except ValueError as error:
+        print(f"bart-jax {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an unreadable or unwritable path: one line naming it, no traceback
+        print(f"bart-jax {args.command}: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Reading documents for batch jobs and writing their results as JSON lines, resumably.
+
+Inputs: `.txt` (one document per line), `.jsonl` (one object per line, text in a chosen
+field, optional `id`), or `-` for standard input (JSON lines if every line is an object,
+otherwise text). Bytes that are not UTF-8 are replaced (U+FFFD) and counted, never fatal.
+
+Results are appended to the output as they are produced (one line per document, with its
+input `index`), so an interrupted job loses nothing; `finalize` rewrites the file in input
+order once the job is complete. Each result also carries `text_hash` (a fingerprint of its
+document's text) and `options_hash` (of the settings that produced it), so that a resumed job
+can tell that the input or the settings changed since (`check_done`). An output is written by
+one job at a time (`OutputLock`); results sent to a stream are written in input order as soon
+as that order allows (`OrderedWriter`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import sys
+from typing import IO, Iterable, Optional
+
+TEXT_FIELDS = ("text", "document", "article")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    index: int
+    id: Optional[str]
+    text: str
+
+
+@dataclasses.dataclass
+class ReadReport:
+    documents: list[Document]
+    replaced_bytes_lines: int = 0
+
+
+def _decode_lines(data: bytes) -> tuple[list[str], int]:
+    lines, replaced = [], 0
+    for raw in data.splitlines():
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(raw.decode("utf-8", errors="replace"))
+            replaced += 1
+    return lines, replaced
+
+
+def _text_of(record: dict, text_field: Optional[str], line_number: int, source: str) -> str:
+    fields = (text_field,) if text_field else TEXT_FIELDS
+    for field in fields:
+        if field in record:
+            value = record[field]
+            if value is None:
+                return ""
+            if not isinstance(value, str):
+                raise ValueError(f"{source} line {line_number}: field {field!r} is not a string")
+            return value
+    wanted = repr(text_field) if text_field else f"one of {', '.join(TEXT_FIELDS)}"
+    raise ValueError(
+        f"{source} line {line_number} has no field {wanted} (fields: {', '.join(sorted(record))}); "
+        f"choose one with --text-field"
+    )
+
+
+def read_documents(path: str, text_field: Optional[str] = None) -> ReadReport:
+    """Reads `path` (.txt, .jsonl or "-" for stdin) into documents in input order."""
+    source = "standard input" if path == "-" else path
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        if not os.path.isfile(path):
+            raise ValueError(f"input file {path} does not exist")
+        with open(path, "rb") as f:
+            data = f.read()
+    lines, replaced = _decode_lines(data)
+    is_jsonl = path.endswith(".jsonl") or path.endswith(".json")
+    if path == "-":
+        stripped = [line for line in lines if line.strip()]
+        is_jsonl = bool(stripped) and all(line.lstrip().startswith("{") for line in stripped)
+    documents = []
+    if is_jsonl:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{source} line {number} is not valid JSON: {error.msg}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{source} line {number} is not a JSON object")
+            identifier = record.get("id")
+            documents.append(Document(len(documents), None if identifier is None else str(identifier),
+                                      _text_of(record, text_field, number, source)))
+    else:
+        documents = [Document(index, None, line) for index, line in enumerate(lines)]
+    return ReadReport(documents, replaced)
+
+
+def read_done(path: str) -> dict[int, dict]:
+    """Results already in an output file, by input index (a torn last line is ignored)."""
+    done: dict[int, dict] = {}
+    if not os.path.isfile(path):
+        return done
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # an interrupted write
+            if isinstance(record, dict) and isinstance(record.get("index"), int):
+                done[record["index"]] = record
+    return done
+
+
+def text_hash(text: str) -> str:
+    """The fingerprint of a document's text: the first 16 hex digits of the SHA-256 of its UTF-8."""
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
+
+
+def options_hash(options: dict) -> str:
+    """The fingerprint of the settings that produce the results (a JSON-serialisable dict)."""
+    return text_hash(json.dumps(options, sort_keys=True))
+
+
+def check_output(path: str, input_path: str) -> None:
+    """Refuses, before any work, an output that cannot be written or whose writing (the output,
+    its `.tmp` and `.lock` files) would replace the input file."""
+    if os.path.isdir(path):
+        raise ValueError(f"output {path} is a directory; name a file")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"output {path} is not a regular file (the output is replaced as the job finishes); "
+                         f"name a file, or leave out -o to write to standard output")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        state = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise ValueError(f"output {path} cannot be written: {parent} {state}")
+    if input_path == "-" or not os.path.exists(input_path):
+        return
+    for written in (path, path + ".tmp", path + OutputLock.suffix):
+        if os.path.exists(written) and os.path.samefile(written, input_path):
+            raise ValueError(f"output {path} would overwrite the input {input_path}; choose another output")
+
+
+def check_done(path: str, done: dict[int, dict], documents: list[Document], options: str) -> None:
+    """Refuses to resume from results of other documents, of changed documents, or made with
+    other settings (`options` is their `options_hash`)."""
+    for index, record in sorted(done.items()):
+        if index >= len(documents) or record.get("id") != documents[index].id:
+            raise ValueError(f"{path} does not belong to this input (index {index} differs); "
+                             f"drop --resume or choose another output")
+        if "text_hash" not in record or "options_hash" not in record:
+            raise ValueError(f"{path} holds results without text and options hashes (index {index}), so they "
+                             f"cannot be checked against this input; drop --resume or choose another output")
+        if record["options_hash"] != options:
+            raise ValueError(f"{path} was written with other settings (generation options, seed, "
+                             f"max source length, model or dtype); use the same ones, or drop --resume")
+        if record["text_hash"] != text_hash(documents[index].text):
+            raise ValueError(f"document {index} of the input changed since {path} was written; "
+                             f"drop --resume or choose another output")
+
+
+class OutputLock:
+    """An exclusive lock on an output, held through `<output>.lock` (which holds the holder's pid),
+    so that two jobs never write the same output. The system releases it when the holding process
+    ends, however it ends; a lock file left by a killed job does not block the next one."""
+
+    suffix = ".lock"
+
+    def __init__(self, path: str):
+        self.path = path + self.suffix
+        while True:
+            try:
+                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise ValueError(f"cannot write output {path}: {error.strerror} ({self.path})") from None
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(descriptor, 32).decode("ascii", errors="replace").strip() or "unknown"
+                os.close(descriptor)
+                raise ValueError(f"output {path} is in use by another process (pid {holder}, lock "
+                                 f"{self.path}); wait for it to finish or choose another output") from None
+            except BaseException:
+                os.close(descriptor)
+                raise
+            # The previous holder removes the file as it finishes: hold the lock of the file the path names.
+            try:
+                current = os.path.samestat(os.fstat(descriptor), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(descriptor)
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode("ascii"))
+        self._descriptor: Optional[int] = descriptor
+
+    def release(self) -> None:
+        if self._descriptor is None:
+            return
+        try:
+            os.remove(self.path)  # while still holding it; see __init__
+        except FileNotFoundError:
+            pass
+        os.close(self._descriptor)
+        self._descriptor = None
+
+
+class OrderedWriter:
+    """Writes results to a stream in input order as soon as that order allows: a result waits only
+    until every result before it is written, and each run of results that completes the order so
+    far is written and flushed at once, so an interrupted job leaves its complete prefix."""
+
+    def __init__(self, stream: IO[str], indices: Iterable[int]):
+        self._stream = stream
+        self._order = iter(sorted(indices))
+        self._next = next(self._order, None)
+        self._waiting: dict[int, dict] = {}
+
+    def write(self, record: dict) -> None:
+        self._waiting[record["index"]] = record
+        ready = []
+        while self._next is not None and self._next in self._waiting:
+            ready.append(self._waiting.pop(self._next))
+            self._next = next(self._order, None)
+        if ready:
+            self._stream.write(format_records(ready))
+            self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
+
+
+class ResultWriter:
+    """Appends one JSON line per result and flushes it, so that an interrupted job keeps them."""
+
+    def __init__(self, path: str, resume: bool):
+        self.path = path
+        if resume:
+            # Keep the complete results only: a line torn by the interruption would glue onto the next.
+            _write_atomically(path, read_done(path).values())
+        elif os.path.exists(path):
+            os.remove(path)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def finalize(path: str, total: int) -> None:
+    """Rewrites the output in input order (atomically) once all `total` documents are in it."""
+    done = read_done(path)
+    if len(done) != total:
+        raise ValueError(f"{path} holds {len(done)} of {total} results; run again with --resume")
+    _write_atomically(path, (done[index] for index in range(total)))
+
+
+def _write_atomically(path: str, records: Iterable[dict]) -> None:
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(format_records(records))
+    os.replace(temporary, path)
+
+
+def format_records(records: Iterable[dict]) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)

@@ -1,0 +1,383 @@
+"""Hugging Face BART state dicts <-> bart_jax parameter trees.
+
+The Flax tree mirrors transformers' module names and layouts (linear weights [out, in], see
+bart_jax/model/linear.py), so the whole name map is a few rules and no tensor is transposed:
+
+    Flax path                              Hugging Face key
+    ...layers_3/...                        ...layers.3....
+    <linear>/weight        [out, in]       <linear>.weight        [out, in]
+    <layer norm>/scale     [d]             <layer norm>.weight    [d]
+    <embedding>/embedding  [rows, d]       <embedding>.weight     [rows, d]
+    .../bias                               ....bias
+    final_logits_bias      [1, vocab]      final_logits_bias
+
+Which paths exist, and their shapes, are those the head's module creates for the config
+(`expected_flax_shapes`: its `init` traced abstractly, bart_jax/model/registry.py), so
+converting never needs an initialised model.
+
+Modules built with `scan_layers=True` keep each layer stack as one `layers` subtree whose
+arrays have a leading layer axis; `stack_layers` / `unstack_layers` switch between the two
+layouts, `hf_to_flax(..., scan_layers=True)` produces the stacked one and `flax_to_hf`
+accepts either.
+
+Tied word embeddings (`config.tie_word_embeddings`, the default): the Flax tree holds one
+table (`shared`, or `decoder/embed_tokens` for `BartForCausalLM`), and the Hugging Face keys
+that alias it (`encoder.embed_tokens.weight`, `decoder.embed_tokens.weight`, `lm_head.weight`)
+are accepted on input only if equal to it and never written, as transformers 5 does. Untied,
+transformers 5 keeps separate `shared`, `encoder.embed_tokens`, `decoder.embed_tokens` and
+`lm_head` tensors, and so does the Flax tree.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from bart_jax.config import BartConfig
+# check_head and head_from_config are this module's too: the checkpoint files use them from here.
+from bart_jax.model.registry import (
+    BASE_MODEL,
+    REGISTRY,
+    HeadSpec,
+    check_head,
+    head_from_config,
+    head_spec,
+    param_shapes,
+)
+
+Params = dict[str, Any]
+
+# Flax leaf name -> Hugging Face parameter name.
+LEAF_RULES = {
+    "weight": "weight",
+    "scale": "weight",
+    "embedding": "weight",
+    "bias": "bias",
+}
+# Tensors with the same name in both formats.
+BUFFERS = ("final_logits_bias",)
+_FLAX_LAYER = re.compile(r"^layers_(\d+)$")
+
+# Parts that some heads have and others lack: a checkpoint tensor under one of them that the
+# target head lacks is reported as unused (e.g. lm_head when loading a classifier), whereas any
+# other leftover tensor means checkpoint and config disagree.
+HEAD_PARTS = tuple(dict.fromkeys(part for spec in REGISTRY.values() for part in spec.parts))
+BASE_PARTS = tuple(dict.fromkeys(part for spec in REGISTRY.values() for part in spec.base_parts))
+# fairseq leftovers in old checkpoints; transformers ignores them too.
+IGNORED_KEY_SUFFIXES = ("encoder.version", "decoder.version")
+
+_MODEL_PREFIX = BASE_MODEL + "."
+_LISTED = 8  # keys named in an error message before "... and N more"
+
+
+class Conversion(NamedTuple):
+    """Result of `convert_hf_state_dict`."""
+
+    params: Params
+    # Checkpoint tensors of parts the target head lacks (checkpoint names), e.g. `final_logits_bias`
+    # when a BartForConditionalGeneration checkpoint feeds a BartForSequenceClassification.
+    unused_keys: tuple[str, ...]
+    # Flax paths ("a/b/c") of head weights taken from `head_params` because the checkpoint lacks them.
+    from_head_params: tuple[str, ...]
+
+
+# --- shapes -----------------------------------------------------------------------------
+def expected_flax_shapes(config: BartConfig, head: str) -> dict:
+    """The parameter tree of `head` for `config`, with shape tuples as leaves: what the head
+    module's `init` creates (`registry.param_shapes`), layers unstacked."""
+    return param_shapes(config, head)
+
+
+# --- names ------------------------------------------------------------------------------
+def hf_key(flax_path: tuple[str, ...]) -> str:
+    """The Hugging Face state-dict key of a Flax parameter path, e.g.
+    ("model", "encoder", "layers_0", "fc1", "weight") -> "model.encoder.layers.0.fc1.weight"."""
+    *modules, leaf = flax_path
+    names = [_FLAX_LAYER.sub(r"layers.\1", module) for module in modules]
+    return ".".join(names + [leaf if leaf in BUFFERS else LEAF_RULES[leaf]])
+
+
+def _prefixed(spec: HeadSpec, key: str) -> str:
+    """A key of `spec`'s own state dict in the `model.`-prefixed layout."""
+    return key if spec.prefix else _MODEL_PREFIX + key
+
+
+def _tied_embedding_keys(config: BartConfig, spec: HeadSpec) -> tuple[str, tuple[str, ...]]:
+    """(key of the word-embedding table the target keeps, keys that may hold it too when tied),
+    in the `model.`-prefixed layout."""
+    embedding_key = _prefixed(spec, spec.embedding_key)
+    if not config.tie_word_embeddings:
+        return embedding_key, ()
+    aliases = [_prefixed(spec, key) for key in spec.tied_keys(config)]
+    # A tied checkpoint of another head keeps the table under that head's name: a seq2seq
+    # checkpoint's `shared` is the causal LM's decoder embedding table.
+    others = {_prefixed(other, other.embedding_key) for other in REGISTRY.values()}
+    return embedding_key, tuple(aliases + sorted(others - {embedding_key, *aliases}))
+
+
+def _listing(keys) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:_LISTED])
+    return shown + (f" ... and {len(keys) - _LISTED} more" if len(keys) > _LISTED else "")
+
+
+def _mismatches(missing, unexpected, wrong_shape, noun: str = "", missing_hint: str = "") -> str:
+    """'missing ...; unexpected ...; wrong shape ...' for the non-empty lists ('' if all are empty)."""
+    problems = []
+    if missing:
+        problems.append(f"missing{noun} {_listing(missing)}{missing_hint}")
+    if unexpected:
+        problems.append(f"unexpected{noun} {_listing(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shape {_listing(wrong_shape)}")
+    return "; ".join(problems)
+
+
+# --- validation -------------------------------------------------------------------------
+def _check_config(config: BartConfig) -> None:
+    if not isinstance(config, BartConfig):
+        raise ValueError(f"expected a bart_jax BartConfig, got {type(config).__name__}")
+
+
+def check_params(params: Params, config: BartConfig, head: str) -> None:
+    """Raises ValueError naming every missing, extra or mis-shaped parameter of `params`."""
+    _check_config(config)
+    expected = traverse_util.flatten_dict(expected_flax_shapes(config, head), sep="/")
+    found = traverse_util.flatten_dict(params, sep="/")
+    missing = [path for path in expected if path not in found]
+    extra = [path for path in found if path not in expected]
+    wrong = [
+        f"{path} (expected {expected[path]}, found {tuple(np.shape(value))})"
+        for path, value in found.items()
+        if path in expected and tuple(np.shape(value)) != expected[path]
+    ]
+    problems = _mismatches(missing, extra, wrong)
+    if problems:
+        raise ValueError(f"parameters do not match {head} with this config: {problems}")
+
+
+# --- Hugging Face -> Flax -----------------------------------------------------------------
+def _prefixed_names(state_dict: Mapping[str, Any]) -> dict[str, str]:
+    """Checkpoint keys in the `model.`-prefixed layout of the heads -> the original keys.
+
+    A bare `BartModel` checkpoint has no prefix (transformers adds it when loading one into a
+    head, and strips it the other way); version keys are dropped.
+    """
+    names = [key for key in state_dict if not key.endswith(IGNORED_KEY_SUFFIXES)]
+    bare = not any(key.startswith(_MODEL_PREFIX) for key in names)
+    return {(_MODEL_PREFIX + key if bare else key): key for key in names}
+
+
+def _flat_head_params(head_params: Params | None, expected: Mapping[tuple, tuple], head: str) -> dict:
+    flat = traverse_util.flatten_dict(dict(head_params or {}))
+    for path, value in flat.items():
+        name = "/".join(path)
+        if path[0] == BASE_MODEL or path not in expected:
+            raise ValueError(f"head_params entry {name} is not a weight of the {head} head")
+        if tuple(np.shape(value)) != expected[path]:
+            raise ValueError(
+                f"head_params entry {name} has shape {tuple(np.shape(value))}, expected {expected[path]}"
+            )
+    return flat
+
+
+def _gather_word_embeddings(
+    checkpoint: dict[str, Any], original: Mapping[str, str], config: BartConfig, spec: HeadSpec
+) -> set[str]:
+    """Puts the word-embedding table under the key the target keeps, after checking that the
+    tied copies the checkpoint stores agree with it and that its rows match the vocabulary.
+    Returns the checkpoint keys consumed."""
+    embedding_key, aliases = _tied_embedding_keys(config, spec)
+    present = [key for key in (embedding_key, *aliases) if key in checkpoint]
+    if not present:
+        return set()  # reported as missing later
+    table = np.asarray(checkpoint[present[0]])
+    for alias in present[1:]:
+        value = np.asarray(checkpoint[alias])
+        if value.shape != table.shape or not np.array_equal(value, table):
+            raise ValueError(
+                f"{original[alias]} should be a tied copy of {original[present[0]]} "
+                f"(tie_word_embeddings is true) but differs from it"
+            )
+    if table.ndim == 2 and table.shape[0] != config.vocab_size:
+        raise ValueError(
+            f"config.vocab_size is {config.vocab_size} but the checkpoint's word embeddings "
+            f"({original[present[0]]}) have {table.shape[0]} rows"
+        )
+    checkpoint[embedding_key] = table
+    return set(present)
+
+
+def _belongs_to_absent_part(key: str, prefixed_shapes: Mapping[str, Any]) -> bool:
+    """Whether `key` (prefixed layout) is under a head or base-model part the target lacks."""
+    top, _, rest = key.partition(".")
+    if top in HEAD_PARTS:
+        return top not in prefixed_shapes
+    part = rest.partition(".")[0]
+    return top == BASE_MODEL and part in BASE_PARTS and part not in prefixed_shapes[BASE_MODEL]
+
+
+def convert_hf_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    config: BartConfig,
+    head: str,
+    *,
+    head_params: Params | None = None,
+) -> Conversion:
+    """Converts a Hugging Face BART state dict into the Flax parameter tree of `head`.
+
+    The checkpoint may be of another head: a `BartModel` or any seq2seq head checkpoint feeds
+    the base model of any seq2seq head. Weights of the target head that the checkpoint lacks
+    (e.g. `classification_head` when starting from bart-large) must come from `head_params`, a
+    tree of initial values with the target's top-level layout (e.g.
+    `{"classification_head": {...}}`); checkpoint values take precedence over it. A missing
+    `final_logits_bias` starts at zero, as in transformers.
+
+    Returns the params (numpy arrays, checkpoint dtypes), the checkpoint
+    tensors the head does not use, and the paths filled from `head_params`. Raises ValueError
+    for missing, unexpected or mis-shaped tensors, a vocab-size mismatch, or a tied alias that
+    differs from the tensor it aliases.
+    """
+    _check_config(config)
+    spec = head_spec(head)
+    shapes = expected_flax_shapes(config, head)
+    # Work in the `model.`-prefixed layout throughout; the bare BartModel's tree is the `model` subtree.
+    bare = not spec.prefix
+    prefixed_shapes = {BASE_MODEL: shapes} if bare else shapes
+    expected = traverse_util.flatten_dict(prefixed_shapes)
+    fillers = _flat_head_params(head_params, expected, head)
+
+    original = _prefixed_names(state_dict)
+    checkpoint = {key: state_dict[name] for key, name in original.items()}
+    used = _gather_word_embeddings(checkpoint, original, config, spec)
+    embedding_key, _ = _tied_embedding_keys(config, spec)
+
+    flat, missing, missing_head, wrong_shape, filled = {}, [], [], [], []
+    for path, shape in expected.items():
+        key = hf_key(path)
+        if key in checkpoint:
+            used.add(key)
+            array = np.asarray(checkpoint[key])
+            if array.shape != tuple(shape):
+                wrong_shape.append(f"{original.get(key, key)} (expected {tuple(shape)}, found {array.shape})")
+            flat[path] = array
+        elif path in fillers:
+            flat[path] = fillers[path]
+            filled.append("/".join(path))
+        elif path == ("final_logits_bias",):
+            # Old checkpoints lack it; transformers starts it at zero too.
+            dtype = np.asarray(checkpoint[embedding_key]).dtype if embedding_key in checkpoint else np.float32
+            flat[path] = np.zeros(shape, dtype)
+        elif path[0] == BASE_MODEL:
+            missing.append(key[len(_MODEL_PREFIX):] if bare else key)
+        else:
+            missing_head.append(key)
+
+    unused, unexpected = [], []
+    for key in checkpoint.keys() - used:
+        (unused if _belongs_to_absent_part(key, prefixed_shapes) else unexpected).append(original[key])
+
+    untied_hint = "" if config.tie_word_embeddings else " (tie_word_embeddings is false, so each is its own tensor)"
+    problems = _mismatches(missing, unexpected, wrong_shape, noun=" tensors", missing_hint=untied_hint)
+    if problems:
+        raise ValueError(f"checkpoint does not match {head} with this config: {problems}")
+    if missing_head:
+        raise ValueError(
+            f"the checkpoint has no weights for the {head} head ({_listing(missing_head)}); to start "
+            f"them from scratch, pass their initial values as head_params"
+        )
+    params = traverse_util.unflatten_dict(flat)
+    return Conversion(
+        params=params[BASE_MODEL] if bare else params,
+        unused_keys=tuple(sorted(unused)),
+        from_head_params=tuple(filled),
+    )
+
+
+def hf_to_flax(
+    state_dict: Mapping[str, np.ndarray],
+    config: BartConfig,
+    head: str,
+    *,
+    head_params: Params | None = None,
+    strict: bool = True,
+    scan_layers: bool = False,
+) -> Params:
+    """The Flax params of `head` from a Hugging Face state dict (see `convert_hf_state_dict`).
+
+    With `strict`, checkpoint tensors the head does not use (e.g. `lm_head.weight` when
+    loading a classifier) are an error; otherwise they are dropped (`convert_hf_state_dict`
+    lists them). With `scan_layers`, layers come stacked (`stack_layers`).
+    """
+    conversion = convert_hf_state_dict(state_dict, config, head, head_params=head_params)
+    if strict and conversion.unused_keys:
+        raise ValueError(
+            f"checkpoint tensors not used by {head}: {_listing(conversion.unused_keys)} "
+            f"(pass strict=False to drop them)"
+        )
+    return stack_layers(conversion.params) if scan_layers else conversion.params
+
+
+# --- Flax -> Hugging Face -----------------------------------------------------------------
+def flax_to_hf(params: Params, config: BartConfig, head: str) -> dict[str, np.ndarray]:
+    """The state dict transformers 5 `save_pretrained` writes for `head`: no tied aliases,
+    weights [out, in], contiguous numpy arrays in the params' dtypes. Stacked layers are accepted."""
+    params = unstack_layers(params)
+    check_params(params, config, head)
+    flat = traverse_util.flatten_dict(params)
+    return {
+        hf_key(path): np.ascontiguousarray(value)
+        for path, value in sorted(flat.items())
+    }
+
+
+# --- stacked layers (scan_layers) ------------------------------------------------------------------
+def stack_layers(params: Params) -> Params:
+    """The layout of `scan_layers=True` modules: each group `layers_0 ... layers_{n-1}` becomes
+    one `layers` subtree whose arrays are stacked along a new leading axis [n, ...]. Already
+    stacked params pass through unchanged; numpy stays numpy, device arrays stay on device."""
+    if not isinstance(params, Mapping):
+        return params
+    numbered = sorted((int(match.group(1)), key) for key in params if (match := _FLAX_LAYER.match(key)))
+    stacked = {key: stack_layers(value) for key, value in params.items() if not _FLAX_LAYER.match(key)}
+    if numbered:
+        indices = [index for index, _ in numbered]
+        if "layers" in params:
+            raise ValueError(f"params hold both stacked `layers` and numbered layers {indices}")
+        if indices != list(range(len(indices))):
+            raise ValueError(f"layers are numbered {indices}; stacking needs 0 .. {len(indices) - 1}")
+
+        def stack(*values):
+            on_device = any(isinstance(value, jax.Array) for value in values)
+            return jnp.stack(values) if on_device else np.stack([np.asarray(value) for value in values])
+
+        stacked["layers"] = jax.tree_util.tree_map(stack, *(params[key] for _, key in numbered))
+    return stacked
+
+
+def unstack_layers(params: Params) -> Params:
+    """The inverse of `stack_layers`: each stacked `layers` subtree [n, ...] becomes `layers_0 ...
+    layers_{n-1}`. Unstacked params pass through unchanged."""
+    if not isinstance(params, Mapping):
+        return params
+    unstacked = {key: unstack_layers(value) for key, value in params.items() if key != "layers"}
+    if "layers" in params:
+        num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+        for index in range(num_layers):
+            unstacked[f"layers_{index}"] = jax.tree_util.tree_map(lambda value: value[index], params["layers"])
+    return unstacked
+
+
+def cast_params(params: Params, dtype) -> Params:
+    """`params` with every floating-point array cast to `dtype` (e.g. "bfloat16"); other arrays unchanged."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"cast_params needs a floating-point dtype, got {dtype}")
+    return jax.tree.map(
+        lambda array: array.astype(dtype) if jnp.issubdtype(array.dtype, jnp.floating) else array, params
+    )

@@ -1,0 +1,103 @@
+"""The kernel seam: every backend-specific formulation of BART's computation, each beside its
+portable twin, and the policy that chooses between them.
+
+    kernels="portable"  the plain JAX formulation, the reference that every backend runs
+                        (`x @ W.T`, two-pass LayerNorm statistics, einsum attention, a
+                        [batch, slots, heads, head_dim] cache written with dynamic_update_slice
+                        and read whole, `lax.top_k`, `jnp.argmax`);
+    kernels="cpu"       the formulations tuned for XLA's CPU backend (docs/cpu-kernels.md);
+    kernels="auto"      the CPU formulation where the computation is compiled for a CPU, the
+                        portable one everywhere else.
+
+Results agree across policies (tests/model/kernels); speed, and the layouts of the decoder
+cache and of projected cross-attention keys/values, differ.
+
+How "auto" follows the platform compiled for, not the host that traces:
+- A kernel whose inputs and outputs are the same under both policies (`dispatch`) is traced
+  both ways inside `lax.platform_dependent`; lowering keeps the branch of the platform it lowers
+  for. `jax.export` for "cuda" or an ahead-of-time compile for a TPU from a CPU host therefore
+  get the portable kernels.
+- A layout (the decoder cache, cross-attention keys/values) must be chosen while tracing
+  (`layout`): "auto" takes the platform of the mesh set with `jax.set_mesh`, else JAX's default
+  backend. `generate_static` with "auto" traces the whole generation under both layouts inside
+  `lax.platform_dependent`, and the Python entry points (`generate`, `load_pretrained(...)`
+  models, summarization, the sharded entry points) settle "auto" from where their arrays live
+  before tracing (`resolve`), so that only one is traced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+from jax import lax
+
+KERNELS = ("auto", "portable", "cpu")
+LAYOUTS = ("portable", "cpu")
+
+
+def check_kernels(kernels: str) -> str:
+    """`kernels` if it names a policy; ValueError otherwise."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    return kernels
+
+
+def for_platform(platform: str) -> str:
+    """The concrete policy "auto" means on `platform` ("cpu", "cuda", "rocm", "tpu", ...)."""
+    return "cpu" if platform == "cpu" else "portable"
+
+
+def dispatch(kernels: str, cpu: Callable, portable: Callable, *args: Any) -> Any:
+    """`cpu(*args)` or `portable(*args)` as `kernels` says; with "auto", the one of the platform
+    being lowered for (`lax.platform_dependent`). Both must return the same types."""
+    check_kernels(kernels)
+    if kernels == "portable":
+        return portable(*args)
+    if kernels == "cpu":
+        return cpu(*args)
+    return lax.platform_dependent(*args, cpu=cpu, default=portable)
+
+
+def trace_platform() -> str:
+    """The platform a computation traced now will most likely be compiled for: that of the
+    mesh set with `jax.set_mesh` (e.g. TPU devices of an ahead-of-time topology), else JAX's
+    default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return jax.default_backend() if device is None else device.platform
+
+
+def layout(kernels: str) -> str:
+    """The concrete layout ("portable" or "cpu") of caches and cross-attention keys/values
+    under `kernels`, chosen while tracing ("auto": `trace_platform`)."""
+    check_kernels(kernels)
+    return for_platform(trace_platform()) if kernels == "auto" else kernels
+
+
+def platform_of(tree: Any = None, mesh: Optional[jax.sharding.Mesh] = None) -> str:
+    """The platform of `mesh`'s devices, else of the first device array in `tree`, else JAX's
+    default backend (host arrays are placed there)."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            return next(iter(leaf.devices())).platform
+    return jax.default_backend()
+
+
+def resolve(kernels: str, tree: Any = None, mesh: Optional[jax.sharding.Mesh] = None) -> str:
+    """`kernels` with "auto" settled from where concrete arrays live (`platform_of`). Inside a
+    trace (`tree` holding tracers and no mesh) "auto" stays "auto"."""
+    check_kernels(kernels)
+    if kernels != "auto":
+        return kernels
+    if mesh is None and any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree)):
+        return "auto"
+    return for_platform(platform_of(tree, mesh))
+
+
+def settled(module: Any, tree: Any = None, mesh: Optional[jax.sharding.Mesh] = None) -> Any:
+    """`module` (any module with a `kernels` attribute) with "auto" settled by `resolve`: the
+    module to trace once where the platform is known, instead of both ways."""
+    kernels = resolve(module.kernels, tree, mesh)
+    return module if kernels == module.kernels else module.clone(kernels=kernels)

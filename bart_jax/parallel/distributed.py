@@ -1,0 +1,82 @@
+"""Several processes (hosts), one program: `jax.distributed` start-up and per-process data.
+
+Every process runs the same script. After `initialize`, `jax.devices()` lists the devices of
+all processes and `sharding.make_mesh()` spans them; jitted functions then run as one program
+over the whole mesh. Each process loads only the rows of a global batch that its own devices
+hold (`process_rows`), and `global_batch` assembles the global arrays from those pieces.
+Parameters are placed with `sharding.put_sharded` / `shard_params`: every process reads the
+checkpoint on its host and uploads only its own devices' shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from bart_jax.parallel.placement import batch_sharding, batch_shards, check_batch
+from bart_jax.parallel.rules import RULES, Rules
+
+
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    local_device_ids: Optional[Sequence[int]] = None,
+) -> None:
+    """Connects this process to the others (`jax.distributed.initialize`); call it first, before
+    any other JAX call.
+
+    On Cloud TPU pods, SLURM and Open MPI JAX finds every argument itself: call it without
+    arguments. Elsewhere give the coordinator's "host:port" (process 0 listens there), the
+    number of processes and this process's id (0 .. num_processes - 1).
+    """
+    given = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
+                 local_device_ids=local_device_ids)
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in 0 .. {num_processes - 1}, got {process_id}")
+    jax.distributed.initialize(**{name: value for name, value in given.items() if value is not None})
+
+
+def process_rows(global_batch_size: int, mesh: Mesh, rules: Rules = RULES) -> slice:
+    """The rows [start, stop) of a global batch that this process's devices hold, i.e. what this
+    process must load. Processes that share the same batch shards (e.g. over "tensor") get the
+    same rows."""
+    shards = batch_shards(mesh, rules)
+    if global_batch_size % shards:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {shards} batch shards")
+    indices = batch_sharding(mesh, rules).addressable_devices_indices_map((global_batch_size,)).values()
+    bounds = sorted({index[0].indices(global_batch_size)[:2] for index in indices})
+    for (_, stop), (start, _) in zip(bounds, bounds[1:]):
+        if stop != start:
+            raise ValueError(f"this process's batch rows are not contiguous ({bounds}); order the mesh devices "
+                             f"so that each process's devices are adjacent along the batch axes")
+    return slice(bounds[0][0], bounds[-1][1])
+
+
+def global_batch(local_batch: Any, mesh: Mesh, rules: Rules = RULES, batch_axis: int = 0) -> Any:
+    """Global arrays from each process's rows (`process_rows`), split over the batch mesh axes
+    (`jax.make_array_from_process_local_data`).
+
+    local_batch: a pytree of host arrays whose axis `batch_axis` holds this process's rows,
+    the same structure on every process. Returns arrays with the global batch on that axis.
+    """
+    sharding = batch_sharding(mesh, rules, batch_axis)
+    arrays = jax.tree_util.tree_map(
+        lambda rows: jax.make_array_from_process_local_data(sharding, np.asarray(rows)), local_batch
+    )
+    check_batch(arrays, mesh, rules, batch_axis)
+    return arrays
+
+
+def to_host(tree: Any) -> Any:
+    """Every (global) array of `tree` gathered into a full numpy array on every process."""
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sync(name: str) -> None:
+    """Waits until every process has reached the point called `name`."""
+    multihost_utils.sync_global_devices(name)

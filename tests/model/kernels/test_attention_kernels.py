@@ -1,0 +1,89 @@
+"""Attention: the CPU formulations do the portable math, and the two agree."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bart_jax.model.kernels.attention import (attend, attend_cpu, attend_per_example, attend_portable,
+                                              attend_transposed, attends_per_example, weigh_values)
+
+
+@pytest.mark.parametrize("queries", [1, 2, 5])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weigh_values_is_softmax_times_values(queries, dtype):
+    """One query per (batch, head) — a greedy decoding step — included: there the product runs
+    with a padded second row."""
+    rng = np.random.default_rng(queries)
+    scores = rng.standard_normal((2, 3, queries, 17)).astype(np.float32)
+    scores[0, 1, :, 5:] = -np.inf  # slots not written yet
+    value = rng.standard_normal((2, 3, 17, 8)).astype(np.float32)
+    output, weights = weigh_values(jnp.asarray(scores), jnp.asarray(value, dtype), jnp.dtype(dtype))
+    expected_weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected_weights /= expected_weights.sum(-1, keepdims=True)
+    value_used = np.asarray(jnp.asarray(value, dtype).astype(jnp.float32))
+    expected = expected_weights @ value_used
+    assert output.shape == (2, 3, queries, 8) and output.dtype == jnp.float32
+    tolerance = 1e-5 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(np.asarray(output), expected, atol=tolerance, rtol=tolerance,
+                               err_msg=f"{queries} queries, {dtype}")
+    np.testing.assert_allclose(np.asarray(weights), expected_weights, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_shape", [None, (3, 1, 1, 70), (1, 1, 70, 70), (3, 1, 70, 70)])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_per_example_attention_equals_whole_batch(mask_shape, rate):
+    rng = np.random.default_rng(5)
+    query, value = (jnp.asarray(rng.standard_normal((3, 2, 70, 8)), jnp.float32) for _ in range(2))
+    key = jnp.asarray(rng.standard_normal((3, 2, 8, 70)), jnp.float32)
+    mask = None if mask_shape is None else jnp.asarray(rng.random(mask_shape) > 0.3)
+    dropout_rng = jax.random.PRNGKey(3) if rate else None
+    ours = attend_per_example(query, key, value, mask, jnp.float32, rate, dropout_rng)
+    for index in range(3):
+        one_mask = None if mask is None else mask[index:index + 1] if mask.shape[0] == 3 else mask
+        example_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+        expected, _ = attend_transposed(query[index:index + 1], key[index:index + 1], value[index:index + 1],
+                                        one_mask, jnp.float32, rate, example_rng)
+        np.testing.assert_allclose(np.asarray(ours[index]), np.asarray(expected[0]), atol=1e-5,
+                                   err_msg=f"example {index} differs from attending it alone")
+    if rate == 0.0:
+        whole, _ = attend_transposed(query, key, value, mask, jnp.float32)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(whole), atol=1e-5,
+                                   err_msg="per-example attention differs from whole-batch attention")
+
+
+@pytest.mark.parametrize("queries, keys", [(1, 9), (5, 9), (300, 260)])  # 300: the CPU kernel's per-example path
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_cpu_attention_equals_its_portable_twin(queries, keys, dtype, rate):
+    rng = np.random.default_rng(queries)
+    query = jnp.asarray(rng.standard_normal((2, queries, 3, 8)), dtype)
+    key, value = (jnp.asarray(rng.standard_normal((2, keys, 3, 8)), dtype) for _ in range(2))
+    mask = jnp.asarray(rng.random((2, 1, queries, keys)) > 0.2)
+    mask = mask.at[0, 0, 0].set(False)  # a fully masked row stays finite in both
+    per_example = attends_per_example(2, queries)
+    dropout_rng = None if rate == 0.0 or per_example else jax.random.PRNGKey(1)  # per-example folds its own keys
+    cpu = attend_cpu(query, key, value, mask, jnp.dtype(dtype), rate, dropout_rng)
+    portable = attend_portable(query, key, value, mask, jnp.dtype(dtype), rate, dropout_rng)
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    for name, ours, twin in zip(("output", "weights"), cpu, portable):
+        assert ours.shape == twin.shape and ours.dtype == twin.dtype == jnp.float32, (name, ours.shape, twin.shape)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(twin), atol=tolerance, rtol=tolerance,
+                                   err_msg=f"{name}: CPU attention differs from the portable one "
+                                           f"({queries} queries, {dtype}, dropout {rate})")
+
+
+def test_auto_attention_lowers_to_each_platforms_kernel():
+    """"auto" keeps the CPU kernel when lowering for the CPU, the portable one for a TPU."""
+    shape = jax.ShapeDtypeStruct((2, 300, 2, 8), jnp.float32)
+
+    def run(query, key, value):
+        return attend(query, key, value, None, jnp.float32, kernels="auto")
+
+    cpu_text = jax.jit(run).lower(shape, shape, shape).as_text()
+    tpu_text = jax.export.export(jax.jit(run), platforms=["tpu"])(shape, shape, shape).mlir_module()
+    # The CPU kernel attends 300 queries example by example, in a loop; the portable one does not.
+    assert "stablehlo.while" in cpu_text, "lowering for the CPU did not keep the CPU kernel"
+    assert "stablehlo.while" not in tpu_text, "lowering for a TPU kept the CPU kernel"
