@@ -27,6 +27,8 @@ from bart_jax.tokenizer_files import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     UNK_TOKEN,
+    UNLIMITED_MODEL_MAX_LENGTH,
+    UNSET_MODEL_MAX_LENGTH,
     VOCAB_FILE,
     build_backend,
     set_add_prefix_space,
@@ -47,6 +49,8 @@ __all__ = [
     "TOKENIZER_FILE",
     "TRUNCATION_STRATEGIES",
     "UNK_TOKEN",
+    "UNLIMITED_MODEL_MAX_LENGTH",
+    "UNSET_MODEL_MAX_LENGTH",
     "VOCAB_FILE",
     "build_backend",
     "clean_up_tokenization",
@@ -123,7 +127,8 @@ class BartTokenizer:
         """Loads a Hugging Face tokenizer directory: `tokenizer.json`, else `vocab.json` + `merges.txt`.
 
         `add_prefix_space` and `model_max_length` default to the values in `tokenizer_config.json`
-        (or `special_tokens_map.json`), then to the tokenizer file's setting and 1024.
+        (or `special_tokens_map.json`), then to the tokenizer file's setting and, as in transformers,
+        to no limit (`UNSET_MODEL_MAX_LENGTH`: `truncation=True` alone then truncates nothing).
         """
         return cls(*tokenizer_files.load_directory(directory, add_prefix_space, model_max_length))
 
@@ -186,7 +191,7 @@ class BartTokenizer:
         Returns `input_ids` and `attention_mask`: lists of ints for one text, lists of lists for a
         batch, or int64 arrays of shape (batch, seq_len) with `return_tensors="np"`. Padding is on
         the right with `pad_token_id`. As in transformers, `max_length` alone turns truncation on,
-        and `truncation`/`padding="max_length"` without `max_length` use `model_max_length`.
+        and `truncation`/`padding="max_length"` without `max_length` use `model_max_length` (if set).
         """
         if return_tensors not in (None, "np"):
             raise ValueError(f"return_tensors must be None or 'np', got {return_tensors!r}")
@@ -268,7 +273,11 @@ class BartTokenizer:
             )
 
         if max_length is None and (padding_strategy == "max_length" or truncation_strategy != "do_not_truncate"):
-            max_length = self.model_max_length
+            if self.model_max_length > UNLIMITED_MODEL_MAX_LENGTH:  # no limit: transformers pads and cuts nothing
+                padding_strategy = "do_not_pad" if padding_strategy == "max_length" else padding_strategy
+                truncation_strategy = "do_not_truncate"
+            else:
+                max_length = self.model_max_length
         if (
             truncation_strategy != "do_not_truncate"
             and padding_strategy != "do_not_pad"

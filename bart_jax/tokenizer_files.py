@@ -29,10 +29,14 @@ UNK_TOKEN = "<unk>"
 MASK_TOKEN = "<mask>"
 SPECIAL_TOKENS = (BOS_TOKEN, PAD_TOKEN, EOS_TOKEN, UNK_TOKEN, MASK_TOKEN)
 
-# BART's learned position embeddings cover 1024 positions.
+# BART's learned position embeddings cover 1024 positions: the default of the file constructors.
 DEFAULT_MODEL_MAX_LENGTH = 1024
-# transformers writes int(1e30) as model_max_length when a checkpoint sets none.
-_UNSET_MODEL_MAX_LENGTH_ABOVE = 2**32
+# transformers' model_max_length of a directory that sets none (its VERY_LARGE_INTEGER, which it
+# also writes to tokenizer_config.json); any value above UNLIMITED_MODEL_MAX_LENGTH (its
+# LARGE_INTEGER) means no limit: `truncation=True` or `padding="max_length"` without `max_length`
+# then neither truncate nor pad.
+UNSET_MODEL_MAX_LENGTH = int(1e30)
+UNLIMITED_MODEL_MAX_LENGTH = int(1e20)
 
 
 def build_backend(vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> Tokenizer:
@@ -98,15 +102,18 @@ def load_directory(
     `vocab.json` + `merges.txt`.
 
     `add_prefix_space` and `model_max_length` default to the values in `tokenizer_config.json`
-    (or `special_tokens_map.json`), then to the tokenizer file's setting and 1024.
+    (or `special_tokens_map.json`), then to the tokenizer file's setting and, as transformers,
+    UNSET_MODEL_MAX_LENGTH (no limit).
     """
     config = _read_tokenizer_config(directory)
     if add_prefix_space is None:
         add_prefix_space = config.get("add_prefix_space")
     if model_max_length is None:
         model_max_length = config.get("model_max_length")
-        if model_max_length is None or model_max_length > _UNSET_MODEL_MAX_LENGTH_ABOVE:
-            model_max_length = DEFAULT_MODEL_MAX_LENGTH
+        if model_max_length is None:
+            model_max_length = UNSET_MODEL_MAX_LENGTH
+        elif isinstance(model_max_length, float) and model_max_length.is_integer():  # 1e+30 written as a float
+            model_max_length = int(model_max_length)
     tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
     vocab_path = os.path.join(directory, VOCAB_FILE)
     merges_path = os.path.join(directory, MERGES_FILE)

@@ -14,6 +14,7 @@ from hf_reference import hf_model, random_batch, save_hf_model
 
 from bart_jax import BartForConditionalGeneration, load_pretrained
 from bart_jax.checkpoints.files import convert_hf_directory
+from bart_jax.model.kernels import for_platform
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +149,25 @@ def test_not_a_directory_nor_reachable_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="local directory"):
         load_pretrained("facebook/bart-large-cnn-does-not-exist-here")
+
+
+def test_kernel_policies_give_transformers_logits_and_the_same_ids(tmp_path):
+    """load_pretrained(kernels="portable") and kernels="cpu": logits within 1e-5 of each other
+    and of transformers, and the same generated ids; "auto" names the policy it settled on."""
+    model = hf_model("BartForConditionalGeneration", seed=9)
+    directory = save_hf_model(model, tmp_path / "model")
+    input_ids, attention_mask = random_batch(model.config.vocab_size, batch=3, length=12, seed=9)
+    expected = torch_logits(model, input_ids=input_ids, attention_mask=attention_mask)
+    logits, ids = {}, {}
+    for kernels in ("portable", "cpu", "auto"):
+        pretrained = load_pretrained(directory, kernels=kernels)
+        settled = kernels if kernels != "auto" else for_platform(jax.default_backend())
+        assert pretrained.module.kernels == settled, pretrained.module.kernels
+        logits[kernels] = np.asarray(pretrained(input_ids=input_ids, attention_mask=attention_mask).logits)
+        ids[kernels] = np.asarray(pretrained.generate(input_ids, attention_mask, num_beams=3, max_new_tokens=8))
+    for kernels, values in logits.items():
+        np.testing.assert_allclose(values, expected, atol=1e-5, err_msg=f"kernels={kernels} vs transformers")
+        np.testing.assert_allclose(values, logits["portable"], atol=1e-5, err_msg=f"kernels={kernels} vs portable")
+        assert np.array_equal(ids[kernels], ids["portable"]), f"kernels={kernels} ids differ:\n{ids}"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        load_pretrained(directory, kernels="gpu")

@@ -1,5 +1,5 @@
 """The `bart-jax` command (also `python -m bart_jax`): summarize, warmup, fill-mask,
-zero-shot, qa, bench and convert."""
+zero-shot, qa, bench, aot and convert."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import time
 from typing import Optional
 
 import jax.numpy as jnp
-from tqdm import tqdm
 
-from bart_jax.apps import benchmark, document_io, pipelines
+from bart_jax.apps import aot, benchmark, pipelines, summarize_job
 from bart_jax.apps.compilation_cache import enable_persistent_cache
 from bart_jax.apps.convert import main as convert_main
 from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, iter_summaries, source_limit, warmup
@@ -90,18 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bart-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    summarize = commands.add_parser("summarize", help="summarize a file of documents")
-    summarize.add_argument("input", help=".txt (one document per line), .jsonl, or - for standard input")
-    summarize.add_argument("-o", "--output", help="output JSON lines (default: standard output)")
-    summarize.add_argument("--text-field", help="JSON field holding the text (default: text, document or article)")
-    summarize.add_argument("--resume", action="store_true", help="skip documents already in --output")
-    summarize.add_argument("--warmup", action="store_true", help="compile every bucket shape before starting")
-    summarize.add_argument("--no-progress", action="store_true")
+    summarize = commands.add_parser("summarize", help="summarize documents (files, standard input, datasets)")
+    summarize_job.add_arguments(summarize)
     _add_model_arguments(summarize)
     _add_generation_arguments(summarize)
 
     warmup = commands.add_parser("warmup", help="compile generation for every bucket shape ahead of time")
     warmup.add_argument("--lengths", type=int, nargs="+", help="source length buckets (default: all)")
+    summarize_job.add_mesh_argument(warmup)
     _add_model_arguments(warmup)
     _add_generation_arguments(warmup)
 
@@ -123,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(qa, default=None)
 
     benchmark.build_parser(commands.add_parser("bench", help="benchmark against transformers and CTranslate2"))
+    aot.build_parser(commands.add_parser("aot", help="compile for a TPU topology (or lower for CUDA) this machine "
+                                                     "lacks: memory per chip, FLOPs, roofline estimate"))
 
     convert = commands.add_parser("convert", help="convert checkpoints (same arguments as convert_weights.py)",
                                   add_help=False)
@@ -134,11 +131,7 @@ def _load(args):
     if not args.no_compilation_cache:
         enable_persistent_cache(os.path.expanduser(args.compilation_cache))
     return load_pretrained(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-                           kernels=args.kernels)
-
-
-def _progress(total: int, enabled: bool):
-    return tqdm(total=total, unit="doc", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+                           kernels=args.kernels, mesh=summarize_job.job_mesh(getattr(args, "mesh", "none")))
 
 
 def summary_settings(args: argparse.Namespace) -> dict:
@@ -149,77 +142,9 @@ def summary_settings(args: argparse.Namespace) -> dict:
 
 
 def run_summarize(args) -> int:
-    lock = None
-    if args.output:
-        # Before any work: an output that cannot be written, or that another job is writing, fails at once.
-        document_io.check_output(args.output, args.input)
-        lock = document_io.OutputLock(args.output)
-    try:
-        return _summarize(args)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _summarize(args) -> int:
-
-    report = document_io.read_documents(args.input, args.text_field)
-    documents = report.documents
-    settings = document_io.options_hash(summary_settings(args))
-    done = document_io.read_done(args.output) if args.output and args.resume else {}
-    document_io.check_done(args.output, done, documents, settings)
-    todo = [document for document in documents if document.index not in done]
-    model = _load(args)
-    options = generation_options(args)
-    if args.warmup:
-        limit = source_limit(model, args.max_source_length)
-        lengths = sorted({min(size, limit) for size in LENGTH_BUCKETS})
-        began = time.perf_counter()
-        count = warmup(model, args.batch_size, lengths, **options)
-        print(f"warmup: compiled {count} shapes in {time.perf_counter() - began:.1f} s", file=sys.stderr)
-
-    if args.output:
-        writer = document_io.ResultWriter(args.output, resume=args.resume)
-    else:
-        writer = document_io.OrderedWriter(sys.stdout, (document.index for document in todo))
-    stats = SummaryStats()
-    started = time.perf_counter()
-    progress = _progress(len(todo), not args.no_progress)
-
-    def on_batch(count: int, tokens: int) -> None:
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        progress.update(count)
-        progress.set_postfix(docs_per_s=f"{stats.documents / elapsed:.2f}",
-                             tokens_per_s=f"{stats.generated_tokens / elapsed:.1f}")
-
-    try:
-        for position, summary in iter_summaries(model, [d.text for d in todo], args.batch_size, args.max_source_length,
-                                                args.seed, stats, on_batch, **options):
-            document = todo[position]
-            record = {"index": document.index, "summary": summary, "text_hash": document_io.text_hash(document.text),
-                      "options_hash": settings}
-            if document.id is not None:
-                record = {"id": document.id, **record}
-            writer.write(record)
-    finally:
-        progress.close()
-        writer.close()
-    if args.output:
-        document_io.finalize(args.output, len(documents))
-    wall = time.perf_counter() - started
-    summary = {
-        "documents": stats.documents, "skipped_by_resume": len(done), "empty": stats.empty,
-        "truncated": stats.truncated, "replaced_bytes_lines": report.replaced_bytes_lines,
-        "source_tokens": stats.source_tokens, "generated_tokens": stats.generated_tokens,
-        "wall_seconds": round(wall, 2), "compiles": stats.compiles, "shapes": sorted(stats.shapes),
-    }
-    print("summary: " + json.dumps(summary), file=sys.stderr)
-    for count, message in ((stats.empty, "empty documents got empty summaries"),
-                           (stats.truncated, "documents were longer than the model's input and were truncated"),
-                           (report.replaced_bytes_lines, "lines had bytes that are not UTF-8; they were replaced")):
-        if count:
-            print(f"warning: {count} {message}", file=sys.stderr)
-    return 0
+    # `_load` and `iter_summaries` are looked up when called, so that tests can stand in for them.
+    return summarize_job.run(args, lambda: _load(args), lambda *a, **k: iter_summaries(*a, **k),
+                             summary_settings(args), generation_options(args))
 
 
 def run_warmup(args) -> int:
@@ -227,9 +152,10 @@ def run_warmup(args) -> int:
     model = _load(args)
     limit = source_limit(model, args.max_source_length)
     lengths = args.lengths or sorted({min(size, limit) for size in LENGTH_BUCKETS})
-    began = time.perf_counter()
-    count = warmup(model, args.batch_size, lengths, **generation_options(args))
-    print(f"compiled {count} shapes in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    began, stats = time.perf_counter(), SummaryStats()
+    count = warmup(model, args.batch_size, lengths, stats=stats, **generation_options(args))
+    print(f"compiled {count} shapes in {time.perf_counter() - began:.1f} s ({stats.compiles} compiled, "
+          f"{stats.cache_hits} loaded from the compilation cache)", file=sys.stderr)
     return 0
 
 
@@ -258,7 +184,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["convert"]:
         return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
-    runners = {"summarize": run_summarize, "warmup": run_warmup, "bench": benchmark.run_command}
+    runners = {"summarize": run_summarize, "warmup": run_warmup, "bench": benchmark.run_command,
+               "aot": aot.run_command}
     try:
         return runners.get(args.command, run_pipeline)(args)
     except ValueError as error:

@@ -1,8 +1,4 @@
-"""Reading documents for batch jobs and writing their results as JSON lines, resumably.
-
-Inputs: `.txt` (one document per line), `.jsonl` (one object per line, text in a chosen
-field, optional `id`), or `-` for standard input (JSON lines if every line is an object,
-otherwise text). Bytes that are not UTF-8 are replaced (U+FFFD) and counted, never fatal.
+"""Writing the results of batch jobs as JSON lines, resumably (documents are read by `inputs`).
 
 Results are appended to the output as they are produced (one line per document, with its
 input `index`), so an interrupted job loses nothing; `finalize` rewrites the file in input
@@ -15,90 +11,16 @@ as that order allows (`OrderedWriter`).
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import json
 import os
-import sys
 from typing import IO, Iterable, Optional
 
-TEXT_FIELDS = ("text", "document", "article")
+from bart_jax.apps.inputs import Document, open_documents
 
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    index: int
-    id: Optional[str]
-    text: str
-
-
-@dataclasses.dataclass
-class ReadReport:
-    documents: list[Document]
-    replaced_bytes_lines: int = 0
-
-
-def _decode_lines(data: bytes) -> tuple[list[str], int]:
-    lines, replaced = [], 0
-    for raw in data.splitlines():
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            lines.append(raw.decode("utf-8", errors="replace"))
-            replaced += 1
-    return lines, replaced
-
-
-def _text_of(record: dict, text_field: Optional[str], line_number: int, source: str) -> str:
-    fields = (text_field,) if text_field else TEXT_FIELDS
-    for field in fields:
-        if field in record:
-            value = record[field]
-            if value is None:
-                return ""
-            if not isinstance(value, str):
-                raise ValueError(f"{source} line {line_number}: field {field!r} is not a string")
-            return value
-    wanted = repr(text_field) if text_field else f"one of {', '.join(TEXT_FIELDS)}"
-    raise ValueError(
-        f"{source} line {line_number} has no field {wanted} (fields: {', '.join(sorted(record))}); "
-        f"choose one with --text-field"
-    )
-
-
-def read_documents(path: str, text_field: Optional[str] = None) -> ReadReport:
-    """Reads `path` (.txt, .jsonl or "-" for stdin) into documents in input order."""
-    source = "standard input" if path == "-" else path
-    if path == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        if not os.path.isfile(path):
-            raise ValueError(f"input file {path} does not exist")
-        with open(path, "rb") as f:
-            data = f.read()
-    lines, replaced = _decode_lines(data)
-    is_jsonl = path.endswith(".jsonl") or path.endswith(".json")
-    if path == "-":
-        stripped = [line for line in lines if line.strip()]
-        is_jsonl = bool(stripped) and all(line.lstrip().startswith("{") for line in stripped)
-    documents = []
-    if is_jsonl:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{source} line {number} is not valid JSON: {error.msg}") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{source} line {number} is not a JSON object")
-            identifier = record.get("id")
-            documents.append(Document(len(documents), None if identifier is None else str(identifier),
-                                      _text_of(record, text_field, number, source)))
-    else:
-        documents = [Document(index, None, line) for index, line in enumerate(lines)]
-    return ReadReport(documents, replaced)
+__all__ = ["Document", "OrderedWriter", "OutputLock", "ResultWriter", "check_done", "check_output", "finalize",
+           "open_documents", "options_hash", "read_done", "text_hash"]
 
 
 def read_done(path: str) -> dict[int, dict]:
@@ -127,9 +49,9 @@ def options_hash(options: dict) -> str:
     return text_hash(json.dumps(options, sort_keys=True))
 
 
-def check_output(path: str, input_path: str) -> None:
+def check_output(path: str, input_path: Optional[str], journal: Optional[str] = None) -> None:
     """Refuses, before any work, an output that cannot be written or whose writing (the output,
-    its `.tmp` and `.lock` files) would replace the input file."""
+    its `.tmp` and `.lock` files, the `journal` of results) would replace the input file."""
     if os.path.isdir(path):
         raise ValueError(f"output {path} is a directory; name a file")
     if os.path.exists(path) and not os.path.isfile(path):
@@ -139,29 +61,43 @@ def check_output(path: str, input_path: str) -> None:
     if not os.path.isdir(parent):
         state = "is not a directory" if os.path.exists(parent) else "does not exist"
         raise ValueError(f"output {path} cannot be written: {parent} {state}")
-    if input_path == "-" or not os.path.exists(input_path):
+    if input_path is None or input_path == "-" or not os.path.exists(input_path):
         return
-    for written in (path, path + ".tmp", path + OutputLock.suffix):
+    for written in (path, path + ".tmp", path + OutputLock.suffix) + ((journal,) if journal else ()):
         if os.path.exists(written) and os.path.samefile(written, input_path):
             raise ValueError(f"output {path} would overwrite the input {input_path}; choose another output")
 
 
-def check_done(path: str, done: dict[int, dict], documents: list[Document], options: str) -> None:
+def check_done(path: str, done: dict[int, dict], documents: Iterable[Document], options: str) -> int:
     """Refuses to resume from results of other documents, of changed documents, or made with
-    other settings (`options` is their `options_hash`)."""
-    for index, record in sorted(done.items()):
-        if index >= len(documents) or record.get("id") != documents[index].id:
-            raise ValueError(f"{path} does not belong to this input (index {index} differs); "
-                             f"drop --resume or choose another output")
-        if "text_hash" not in record or "options_hash" not in record:
-            raise ValueError(f"{path} holds results without text and options hashes (index {index}), so they "
-                             f"cannot be checked against this input; drop --resume or choose another output")
-        if record["options_hash"] != options:
-            raise ValueError(f"{path} was written with other settings (generation options, seed, "
-                             f"max source length, model or dtype); use the same ones, or drop --resume")
-        if record["text_hash"] != text_hash(documents[index].text):
-            raise ValueError(f"document {index} of the input changed since {path} was written; "
-                             f"drop --resume or choose another output")
+    other settings (`options` is their `options_hash`). Reads `documents` once, holding one at a
+    time; returns how many there are."""
+    count = 0
+    for document in documents:
+        count += 1
+        if document.index in done:
+            _check_result(path, done[document.index], document, options)
+    beyond = [index for index in done if index >= count]
+    if beyond:
+        raise ValueError(f"{path} does not belong to this input (index {min(beyond)} differs); "
+                         f"drop --resume or choose another output")
+    return count
+
+
+def _check_result(path: str, record: dict, document: Document, options: str) -> None:
+    index = document.index
+    if record.get("id") != document.id:
+        raise ValueError(f"{path} does not belong to this input (index {index} differs); "
+                         f"drop --resume or choose another output")
+    if "text_hash" not in record or "options_hash" not in record:
+        raise ValueError(f"{path} holds results without text and options hashes (index {index}), so they "
+                         f"cannot be checked against this input; drop --resume or choose another output")
+    if record["options_hash"] != options:
+        raise ValueError(f"{path} was written with other settings (generation options, seed, "
+                         f"max source length, model or dtype); use the same ones, or drop --resume")
+    if record["text_hash"] != text_hash(document.text):
+        raise ValueError(f"document {index} of the input changed since {path} was written; "
+                         f"drop --resume or choose another output")
 
 
 class OutputLock:

@@ -38,6 +38,9 @@ def fill_mask(model, text: str, top_k: int = 5) -> list[dict[str, Any]] | list[l
     Returns, for a single mask, a list of {"score", "token", "token_str", "sequence"}; for
     several masks, one such list per mask.
     """
+    # transformers' top-k would fail on these; a slice would return the whole vocabulary or nothing.
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     _require(model, "fill_mask")
     tokenizer = model.tokenizer
     input_ids = tokenizer(text, return_tensors="np")["input_ids"]
@@ -95,8 +98,10 @@ def zero_shot_classify(
     if "{}" not in hypothesis_template:
         raise ValueError(f"hypothesis_template {hypothesis_template!r} must contain {{}} for the label")
     hypotheses = [hypothesis_template.format(label) for label in candidate_labels]
+    # A tokenizer without a model_max_length would not truncate: the model's positions bound the pair.
+    limit = min(model.tokenizer.model_max_length, model.config.max_position_embeddings)
     encoded = model.tokenizer([text] * len(hypotheses), hypotheses, padding=True, truncation="only_first",
-                              return_tensors="np")
+                              max_length=limit, return_tensors="np")
     logits = np.asarray(model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits,
                         dtype=np.float32)  # [labels, classes]
     entailment = _entailment_id(model.config)

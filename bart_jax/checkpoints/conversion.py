@@ -39,16 +39,7 @@ import numpy as np
 from flax import traverse_util
 
 from bart_jax.config import BartConfig
-# check_head and head_from_config are this module's too: the checkpoint files use them from here.
-from bart_jax.model.registry import (
-    BASE_MODEL,
-    REGISTRY,
-    HeadSpec,
-    check_head,
-    head_from_config,
-    head_spec,
-    param_shapes,
-)
+from bart_jax.model.registry import BASE_MODEL, REGISTRY, HeadSpec, head_spec, param_shapes
 
 Params = dict[str, Any]
 

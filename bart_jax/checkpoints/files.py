@@ -28,16 +28,9 @@ from flax import traverse_util
 from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import SafetensorError
 
-from bart_jax.checkpoints.conversion import (
-    Params,
-    cast_params,
-    check_head,
-    check_params,
-    convert_hf_state_dict,
-    flax_to_hf,
-    head_from_config,
-)
+from bart_jax.checkpoints.conversion import Params, cast_params, check_params, convert_hf_state_dict, flax_to_hf
 from bart_jax.config import BartConfig
+from bart_jax.model.registry import check_head, head_from_config
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -66,11 +59,28 @@ DTYPES = ("float32", "bfloat16")
 
 
 # --- reading Hugging Face weights ---------------------------------------------------------
+def check_weights(tensors: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """Refuses tensors that are not floating point or hold NaN or infinite values, naming them and
+    `path`: a corrupt data section parses as well as a sound one and would load as NaN weights."""
+    # By name: ml_dtypes' bfloat16 (and float8) are not of numpy's floating kind "f".
+    not_float = [f"{key} ({array.dtype})" for key, array in tensors.items()
+                 if not np.dtype(array.dtype).name.startswith(("float", "bfloat"))]
+    if not_float:
+        raise ValueError(f"{path}: weights must be floating point, found {', '.join(not_float[:8])}")
+    # min and max propagate NaN and reach any infinity, without a temporary as large as the tensor.
+    not_finite = [key for key, array in tensors.items()
+                  if array.size and not (np.isfinite(array.min()) and np.isfinite(array.max()))]
+    if not_finite:
+        raise ValueError(f"{path}: tensor(s) {', '.join(not_finite[:8])} hold NaN or infinite values (corrupt file)")
+    return tensors
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
-        return safetensors.numpy.load_file(path)
+        tensors = safetensors.numpy.load_file(path)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+    return check_weights(tensors, path)
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:
@@ -93,7 +103,7 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
-    return {key: _torch_to_numpy(value) for key, value in loaded.items()}
+    return check_weights({key: _torch_to_numpy(value) for key, value in loaded.items()}, path)
 
 
 def _read_sharded(index_path: str, read_shard: Callable[[str], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

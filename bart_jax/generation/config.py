@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Mapping, Union
 
@@ -132,6 +134,11 @@ class GenerationConfig:
             require(self.num_return_sequences <= self.num_beams,
                     f"num_return_sequences ({self.num_return_sequences}) has to be smaller or equal to "
                     f"num_beams ({self.num_beams})")
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            value = getattr(self, name)
+            # A string or NaN here would fail deep inside the search, or silently compare false.
+            require(isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value),
+                    f"{name} must be a number, got {value!r}")
         if self.do_sample:
             require(self.temperature > 0, f"temperature must be strictly positive, got {self.temperature!r}")
         require(is_int(self.top_k) and self.top_k >= 0, f"top_k must be a non-negative integer, got {self.top_k!r}")

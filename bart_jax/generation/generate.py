@@ -17,6 +17,7 @@ that exporting or compiling ahead of time for an accelerator from a CPU host is 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -28,6 +29,7 @@ from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.search import SearchOutput, search
 from bart_jax.model.cache import init_cache, reorder_cache
 from bart_jax.model.kernels import settled
+from bart_jax.model.validation import check_mask, check_token_ids
 
 # A BART decoder prompt is the decoder start token alone.
 DECODER_PROMPT_LENGTH = 1
@@ -62,7 +64,34 @@ def resolve_generation_config(module: Any, generation_config: Optional[Generatio
                 + tuple(i for i in (config.pad_token_id, config.forced_bos_token_id) if i is not None))
     if any(i >= vocab_size for i in used_ids) or config.decoder_start_token_id >= vocab_size:
         raise ValueError(f"special token ids {used_ids} must be smaller than vocab_size ({vocab_size})")
+    if config.bad_words_ids is not None:
+        # As transformers: a ban on a token the model cannot produce is a mistake, not a no-op.
+        outside = sorted({t for word in config.bad_words_ids for t in word if t >= vocab_size})
+        if outside:
+            raise ValueError(f"bad_words_ids holds token ids outside the vocabulary [0, {vocab_size}): {outside[:10]}")
+    if config.min_length > config.max_length:
+        warnings.warn(
+            f"Unfeasible length constraints: min_length ({config.min_length}) is larger than max_length "
+            f"({config.max_length}); generation stops at max_length. Decrease min_length or increase max_length.",
+            UserWarning, stacklevel=3,
+        )
     return config
+
+
+def check_prng_key(prng_key: Any) -> None:
+    """Raises ValueError unless `prng_key` is None or a JAX PRNG key: a typed key (`jax.random.key`)
+    or raw key data, uint32 [2] (`jax.random.PRNGKey`) or [4] (the "rbg" implementations)."""
+    if prng_key is None:
+        return
+    dtype, shape = getattr(prng_key, "dtype", None), np.shape(prng_key)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        valid = shape == ()
+    else:
+        valid = dtype is not None and np.dtype(dtype) == np.uint32 and shape in ((2,), (4,))
+    if not valid:
+        description = f"{type(prng_key).__name__} {prng_key!r}" if dtype is None else f"dtype {dtype} shape {shape}"
+        raise ValueError(f"prng_key must be a JAX PRNG key (jax.random.PRNGKey(seed) or jax.random.key(seed)), got "
+                         f"{description}")
 
 
 def generate(
@@ -85,18 +114,19 @@ def generate(
     that also holds the beam search sequence scores (None for greedy search and sampling).
     """
     config = resolve_generation_config(module, generation_config, **overrides)
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"input_ids must be a [batch, src_len] integer array, got {input_ids.dtype} {input_ids.shape}")
+    # Inside jit an id past the vocabulary or a position past the table would be clamped, not refused.
+    input_ids = check_token_ids(input_ids, module.config, "input_ids")
     if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    attention_mask = jnp.asarray(attention_mask)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} differs from input_ids shape {input_ids.shape}")
+        attention_mask = np.ones(input_ids.shape, np.int32)
+    if np.shape(attention_mask) != input_ids.shape:
+        raise ValueError(f"attention_mask shape {np.shape(attention_mask)} differs from input_ids shape "
+                         f"{input_ids.shape}")
+    attention_mask = check_mask(attention_mask, input_ids.shape, "attention_mask", "input_ids")
     if config.do_sample and prng_key is None:
         raise ValueError("do_sample=True needs a prng_key (e.g. jax.random.PRNGKey(0))")
-    output = generate_static(settled(module, params), params, input_ids.astype(jnp.int32),
-                             attention_mask.astype(jnp.int32), config, prng_key)
+    check_prng_key(prng_key)
+    output = generate_static(settled(module, params), params, jnp.asarray(input_ids, jnp.int32),
+                             jnp.asarray(attention_mask, jnp.int32), config, prng_key)
     length = int(np.max(np.asarray(output.lengths)))
     sequences = output.sequences[:, :length]
     if return_scores:

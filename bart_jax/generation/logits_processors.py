@@ -106,8 +106,13 @@ def bad_words(bad_words_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[in
 
     def process(sequences, cur_len, scores):
         rows, vocab_size = scores.shape
+        # Checked when traced (the vocabulary is a static shape): out of range, the scatter below
+        # would drop the ban without a word, where transformers refuses it.
+        outside = sorted({t for word in words for t in word if t >= vocab_size})
+        if outside:
+            raise ValueError(f"bad_words_ids holds token ids outside the vocabulary [0, {vocab_size}): {outside[:10]}")
         always = np.zeros(vocab_size, np.float32)
-        always[[t for t in single if t < vocab_size]] = -np.inf
+        always[list(single)] = -np.inf
         bias = jnp.broadcast_to(jnp.asarray(always), scores.shape)  # [rows, vocab]
         for prefix_length, group in by_prefix_length.items():
             prefixes = jnp.asarray([w[:-1] for w in group], jnp.int32)  # [words, prefix_length]

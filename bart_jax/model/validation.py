@@ -32,6 +32,11 @@ def check_token_ids(ids: Any, config: BartConfig, name: str = "input_ids", allow
         raise ValueError(f"{name} must have shape [batch, length], got shape {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+    # Zero rows or zero tokens would reach attention as empty reductions and divisions by zero.
+    if ids.shape[0] == 0:
+        raise ValueError(f"{name} has no rows (shape {ids.shape}); give at least one example")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {ids.shape}); give at least one token per row")
     if ids.shape[1] > config.max_position_embeddings:
         raise ValueError(
             f"{name} has length {ids.shape[1]}, longer than the model's max_position_embeddings "
@@ -47,6 +52,42 @@ def check_token_ids(ids: Any, config: BartConfig, name: str = "input_ids", allow
             f"{sorted(set(bad.tolist()))[:10]}"
         )
     return ids
+
+
+def check_classification_labels(labels: Any, config: BartConfig, batch: int | None = None) -> np.ndarray:
+    """labels of sequence classification, as the loss reads them for `config.problem_type` (unset:
+    regression for one label, class ids for integer labels, multi-hot targets otherwise):
+    class ids [batch] in [0, num_labels) (or IGNORE_INDEX), or float targets [batch(, num_labels)].
+
+    Out-of-range ids would index past the logits: a NaN loss above, a finite wrong one below 0.
+    """
+    labels = _as_numpy(labels, "labels")
+    num_labels = config.num_labels
+    if labels.dtype == np.bool_ or not (np.issubdtype(labels.dtype, np.integer)
+                                        or np.issubdtype(labels.dtype, np.floating)):
+        raise ValueError(f"labels must be class ids or float targets, got dtype {labels.dtype}")
+    if batch is not None and (labels.ndim == 0 or labels.shape[0] != batch):
+        raise ValueError(f"labels has shape {labels.shape} but input_ids has {batch} rows")
+    problem_type = config.problem_type
+    if problem_type is None:  # transformers' rule, as losses.classification_problem_type
+        if num_labels == 1:
+            problem_type = "regression"
+        elif np.issubdtype(labels.dtype, np.integer):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    if problem_type == "single_label_classification":
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels of single-label classification must be integer class ids, got dtype "
+                             f"{labels.dtype}")
+        valid = ((labels >= 0) & (labels < num_labels)) | (labels == IGNORE_INDEX)
+        if not valid.all():
+            raise ValueError(f"labels holds class ids outside [0, {num_labels}) (num_labels is {num_labels}): "
+                             f"{sorted(set(labels[~valid].tolist()))[:10]}")
+    elif problem_type == "multi_label_classification" and labels.shape[1:] != (num_labels,):
+        raise ValueError(f"labels of multi-label classification must have shape [batch, num_labels] = "
+                         f"[batch, {num_labels}], got {labels.shape}")
+    return labels
 
 
 def check_mask(mask: Any, shape: tuple[int, ...], name: str, against: str) -> np.ndarray:
@@ -96,6 +137,9 @@ def check_inputs(config: BartConfig, head: str, inputs: Mapping[str, Any]) -> di
             checked[mask_name] = check_mask(checked[mask_name], shape, mask_name, ids_name)
     if checked.get("labels") is not None and spec.token_labels:
         checked["labels"] = check_token_ids(checked["labels"], config, "labels", allow_ignore_index=True)
+    elif checked.get("labels") is not None and spec.pools_at_eos:  # the pooling head is the classifier
+        rows = checked["input_ids"].shape[0] if checked.get("input_ids") is not None else None
+        checked["labels"] = check_classification_labels(checked["labels"], config, rows)
     decoder_layers_heads = (config.decoder_layers, config.decoder_attention_heads)
     for name, (layers, heads) in {
         "head_mask": (config.encoder_layers, config.encoder_attention_heads),

@@ -9,12 +9,33 @@ from typing import Any, Callable, Optional
 import jax
 from jax.sharding import Mesh
 
-from bart_jax.generation.generate import generate_static
+from bart_jax.generation.generate import check_prng_key, generate_static
 from bart_jax.model.kernels import layout as kernel_layout
 from bart_jax.model.kernels import settled
 from bart_jax.model.partitioning import activation_sharding
+from bart_jax.model.validation import ID_ARGUMENTS, MASK_ARGUMENTS, check_mask, check_token_ids
 from bart_jax.parallel.placement import batch_sharding, cache_shardings, check_batch, replicated
 from bart_jax.parallel.rules import RULES, Rules, tree_shardings
+
+
+def _concrete(array: Any) -> bool:
+    """Whether `array` holds values this process can read: not a tracer (inside an outer jit) and
+    not split over other processes' devices."""
+    if isinstance(array, jax.core.Tracer):
+        return False
+    return not isinstance(array, jax.Array) or array.is_fully_addressable
+
+
+def _check_ids(config: Any, arrays: dict[str, Any], masks: tuple[str, ...] = ()) -> None:
+    """Checks the concrete token ids among `arrays` (`check_token_ids`) and, named in `masks`,
+    their masks' shapes and values: inside jit an id past the vocabulary or a position past
+    the table is clamped, not refused."""
+    for name in ID_ARGUMENTS:
+        if arrays.get(name) is not None and _concrete(arrays[name]):
+            ids = check_token_ids(arrays[name], config, name)
+            mask_name = next((mask for mask, of in MASK_ARGUMENTS.items() if of == name), None)
+            if mask_name in masks and arrays.get(mask_name) is not None and _concrete(arrays[mask_name]):
+                check_mask(arrays[mask_name], ids.shape, mask_name, name)
 
 
 def with_activation_sharding(fn: Callable, mesh: Mesh, rules: Rules = RULES) -> Callable:
@@ -79,6 +100,8 @@ def jit_forward(module, mesh: Mesh, param_shardings: Any, rules: Rules = RULES, 
 
     def checked(params, batch):
         check_batch(batch, mesh, rules)
+        if isinstance(batch, dict):
+            _check_ids(module.config, batch, tuple(MASK_ARGUMENTS))
         return jitted(params, batch)
 
     return checked
@@ -103,6 +126,7 @@ def jit_decode_step(module, mesh: Mesh, param_shardings: Any, rules: Rules = RUL
 
     def checked(params, decoder_input_ids, cache, cache_index, cross_key_values, encoder_attention_mask):
         check_batch((decoder_input_ids, cache, cross_key_values, encoder_attention_mask), mesh, rules)
+        _check_ids(module.config, {"decoder_input_ids": decoder_input_ids})
         structure = jax.tree_util.tree_structure((cache, cross_key_values))
         if structure not in compiled:
             cache_sharding = cache_shardings(cache, mesh, rules, layout)
@@ -137,6 +161,8 @@ def jit_generate(module, mesh: Mesh, param_shardings: Any, generation_config, ru
 
     def checked(params, input_ids, attention_mask, prng_key=None):
         check_batch((input_ids, attention_mask), mesh, rules)
+        _check_ids(module.config, {"input_ids": input_ids, "attention_mask": attention_mask}, ("attention_mask",))
+        check_prng_key(prng_key)
         return jitted(params, input_ids, attention_mask, prng_key)
 
     return checked

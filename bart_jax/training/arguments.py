@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import typing
 from typing import Optional, Sequence
 
@@ -16,6 +17,8 @@ from bart_jax.model.layers import REMAT_POLICIES
 from bart_jax.training import recipes
 
 TASKS = ("denoise", "seq2seq", "classify", "qa")
+# Where metrics can be reported besides metrics.jsonl (bart_jax.training.reporting).
+INTEGRATIONS = ("tensorboard", "wandb")
 DTYPES = ("float32", "bfloat16")
 # Columns read when none is given, by task.
 DEFAULT_COLUMNS = {
@@ -114,6 +117,21 @@ class TrainingArguments:
         default=False, metadata={"help": "qa: some questions have no answer (SQuAD 2.0)"})
     null_score_diff_threshold: float = dataclasses.field(
         default=0.0, metadata={"help": "qa: predict no answer when its score beats the best span by this"})
+    # --- best model and early stopping (as the Hugging Face Trainer) ---------------------------
+    metric_for_best_model: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "evaluation metric that picks the best checkpoint, e.g. loss, rougeL, "
+                                        "accuracy (the eval_ prefix is optional); its checkpoint outlives "
+                                        "save_total_limit (default: loss when load_best_model_at_end or "
+                                        "early_stopping_patience is set)"})
+    greater_is_better: Optional[bool] = dataclasses.field(
+        default=None, metadata={"help": "whether a larger metric_for_best_model is better "
+                                        "(default: true unless its name ends in loss)"})
+    load_best_model_at_end: bool = dataclasses.field(
+        default=False, metadata={"help": "export the best checkpoint's weights at the end instead of the last"})
+    early_stopping_patience: Optional[int] = dataclasses.field(
+        default=None, metadata={"help": "stop after this many evaluations in a row without improvement"})
+    early_stopping_threshold: float = dataclasses.field(
+        default=0.0, metadata={"help": "improvement of metric_for_best_model needed to reset the patience"})
     # --- output ---------------------------------------------------------------------------------
     overwrite_output_dir: bool = dataclasses.field(
         default=False, metadata={"help": "replace another run's checkpoints in output_dir"})
@@ -121,7 +139,13 @@ class TrainingArguments:
     save_steps: int = dataclasses.field(default=500, metadata={"help": "checkpoint every N updates"})
     save_total_limit: Optional[int] = dataclasses.field(default=3, metadata={"help": "checkpoints kept"})
     async_checkpointing: bool = dataclasses.field(default=True, metadata={"help": "save in the background"})
-    report_to: str = dataclasses.field(default="none", metadata={"help": "none or tensorboard"})
+    report_to: list[str] = dataclasses.field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "where metrics go besides metrics.jsonl: none, all, or some of "
+                          f"{', '.join(INTEGRATIONS)} (several allowed)"})
+    profile_steps: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "START:STOP: write a jax.profiler trace of updates START to STOP "
+                                        "into output_dir/profile"})
     disable_tqdm: bool = dataclasses.field(default=False, metadata={"help": "no progress bar"})
 
     def __post_init__(self):
@@ -135,8 +159,14 @@ class TrainingArguments:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {', '.join(REMAT_POLICIES)}, got {self.remat_policy!r}")
-        if self.report_to not in ("none", "tensorboard"):
-            raise ValueError(f"report_to must be none or tensorboard, got {self.report_to!r}")
+        self.report_to = _report_to_names(self.report_to)
+        self.profile_range()
+        if self.metric_for_best_model == "":
+            self.metric_for_best_model = None
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            raise ValueError(f"early_stopping_patience must be positive when given, got {self.early_stopping_patience}")
+        if self.early_stopping_threshold < 0:
+            raise ValueError(f"early_stopping_threshold must not be negative, got {self.early_stopping_threshold}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "save_steps", "max_source_length", "max_target_length", "max_seq_length",
                      "max_answer_length"):
@@ -160,6 +190,12 @@ class TrainingArguments:
         if bool(self.model_name_or_path) == bool(self.config_name):
             raise ValueError("pass exactly one of --model_name_or_path (fine-tune) and --config_name (from scratch)")
         self.validate()
+        if self.best_model_metric() and not self.validation_file:
+            wanted = ("--load_best_model_at_end" if self.load_best_model_at_end else
+                      "--early_stopping_patience" if self.early_stopping_patience else "--metric_for_best_model")
+            raise ValueError(f"{wanted} needs evaluations: pass --validation_file")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("--early_stopping_patience counts evaluations: pass --eval_steps")
         self.check_output_dir()
 
     def check_output_dir(self) -> None:
@@ -171,6 +207,34 @@ class TrainingArguments:
             where = "is" if path == os.path.abspath(self.output_dir) else f"lies under {path}, which is"
             raise ValueError(f"--output_dir {self.output_dir} {where} a file, not a directory; "
                              f"choose another --output_dir")
+
+    def best_model_metric(self) -> Optional[str]:
+        """The evaluation metric ("eval_<name>") that picks the best checkpoint, or None: none is tracked."""
+        name = self.metric_for_best_model
+        if name is None and (self.load_best_model_at_end or self.early_stopping_patience):
+            name = "loss"
+        if name is None:
+            return None
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    def best_is_greater(self) -> bool:
+        """Whether a larger best_model_metric() is better: greater_is_better, else not a loss."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.metric_for_best_model or "loss").endswith("loss")
+
+    def profile_range(self) -> Optional[tuple[int, int]]:
+        """(first, last) update of profile_steps "START:STOP", or None."""
+        if not self.profile_steps:
+            return None
+        parts = str(self.profile_steps).split(":")
+        try:
+            first, last = (int(part) for part in parts) if len(parts) == 2 else (None, None)
+        except ValueError:
+            first = last = None
+        if first is None or not 1 <= first <= last:
+            raise ValueError(f"profile_steps must be START:STOP with 1 <= START <= STOP, got {self.profile_steps!r}")
+        return first, last
 
     def column(self, name: str) -> Optional[str]:
         """The column option `name`, or the task's default column."""
@@ -194,9 +258,24 @@ RESUMABLE_CHANGES = (
     "output_dir", "overwrite_output_dir", "validation_file", "per_device_eval_batch_size", "max_eval_samples",
     "eval_steps", "predict_with_generate", "num_beams", "val_max_target_length", "max_answer_length",
     "version_2_with_negative", "null_score_diff_threshold", "logging_steps", "save_steps", "save_total_limit",
-    "async_checkpointing", "report_to", "disable_tqdm", "remat_policy",
+    "async_checkpointing", "report_to", "disable_tqdm", "remat_policy", "profile_steps", "metric_for_best_model",
+    "greater_is_better", "load_best_model_at_end", "early_stopping_patience", "early_stopping_threshold",
 )
 PATH_OPTIONS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file")
+
+
+def _report_to_names(value) -> list[str]:
+    """report_to as a list of names: "tensorboard,wandb", ["tensorboard", "wandb"], "none", "all"."""
+    names = [name for item in ([value] if isinstance(value, str) else list(value or ()))
+             for name in re.split(r"[,\s]+", str(item)) if name]
+    unknown = [name for name in names if name not in ("none", "all", *INTEGRATIONS)]
+    if unknown:
+        raise ValueError(f"report_to must be none, all or some of {', '.join(INTEGRATIONS)}, got {unknown[0]!r}")
+    if not names or names == ["none"]:
+        return ["none"]
+    if "none" in names:
+        raise ValueError(f"report_to none cannot be combined with other names, got {names}")
+    return list(dict.fromkeys(names))
 
 
 def _parse_bool(text: str) -> bool:
@@ -224,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         kind = _field_type(field)
         if kind is bool:
             parser.add_argument(f"--{field.name}", type=_parse_bool, nargs="?", const=True, default=field.default,
+                                help=field.metadata["help"])
+        elif typing.get_origin(typing.get_type_hints(TrainingArguments)[field.name]) is list:
+            parser.add_argument(f"--{field.name}", nargs="+", default=field.default_factory(),
                                 help=field.metadata["help"])
         else:
             parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=field.metadata["help"])

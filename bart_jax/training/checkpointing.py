@@ -5,12 +5,20 @@ orbax writes a checkpoint into a temporary directory and renames it into place o
 file is written (atomic finalize), so a crash while saving leaves the previous checkpoint as the
 latest one; leftover temporary directories are removed on the next start.
 
+The progress record of each checkpoint holds the SHA-256 of every leaf of the saved state
+(`state_checksums`), taken from the arrays before they are written. Restoring checks them: a
+checkpoint damaged after it was written (a truncated or overwritten file, a lost directory)
+raises CheckpointError naming the step and its path instead of restoring garbage, and
+`restore_latest` falls back to the newest checkpoint that verifies, setting the damaged ones aside
+(`corrupt-step-<step>`) with a warning.
+
 The run's settings are kept in `<output_dir>/run_config.json`; a directory holding another run's
 checkpoints is refused, so that a run never resumes from, or overwrites, someone else's state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,11 +28,35 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_CONFIG_FILE = "run_config.json"
+CHECKSUMS = "checksums"  # the progress record's entry: leaf path -> SHA-256 of the saved state
+SET_ASIDE_PREFIX = "corrupt-step-"  # not a step name orbax reads: a damaged checkpoint moved aside
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored or does not match its checksums; names the step and path."""
+
+
+def state_checksums(state: Any) -> dict[str, str]:
+    """{leaf path: SHA-256 of its dtype, shape and bytes} of every leaf of `state` that this
+    process holds whole (a leaf split over several processes is left out)."""
+    checksums = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            continue
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest = hashlib.sha256(f"{array.dtype.str} {array.shape} ".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+        checksums[jax.tree_util.keystr(path)] = digest.hexdigest()
+    return checksums
 
 
 class Checkpointer:
@@ -42,21 +74,85 @@ class Checkpointer:
         """The step of the newest complete checkpoint, or None."""
         return self._manager.latest_step()
 
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, step: int, state: Any, progress: dict) -> None:
-        """Starts saving (in the background when async); `progress` is JSON (data position, rng)."""
+        """Starts saving (in the background when async); `progress` is JSON (data position, rng),
+        stored with the checksums of `state`."""
+        progress = {**progress, CHECKSUMS: state_checksums(state)}
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          progress=ocp.args.JsonSave(progress)), force=True)
 
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict]:
-        """(state with the structure, shapes and dtypes of `like_state`, progress) of `step`."""
+        """(state with the structure, shapes and dtypes of `like_state`, progress) of `step`,
+        checked against the checksums saved with it. Raises CheckpointError naming the step and
+        its path when it cannot be restored or does not match."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
-        return restored.state, restored.progress
+        path = self.step_path(step)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
+        except Exception as error:  # noqa: BLE001 - orbax, tensorstore and json report damage in many types
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CheckpointError(f"the checkpoint of step {step} in {path} cannot be restored "
+                                  f"({type(error).__name__}: {reason[:300]})") from error
+        progress = restored.progress if isinstance(restored.progress, dict) else {}
+        if not {"data", "rng"} <= set(progress):
+            raise CheckpointError(f"the checkpoint of step {step} in {path} has no valid progress record")
+        saved = progress.pop(CHECKSUMS, None)
+        if saved is None:  # written before checksums were kept
+            logger.warning("the checkpoint of step %d in %s has no checksums: restored unverified", step, path)
+        else:
+            found = state_checksums(restored.state)
+            differing = sorted(key for key in found if saved.get(key) != found[key])
+            if differing:
+                raise CheckpointError(f"the checkpoint of step {step} in {path} is corrupt: {len(differing)} "
+                                      f"array(s) differ from what was saved ({', '.join(differing[:4])})")
+        return restored.state, progress
+
+    def restore_latest(self, like_state: Any) -> Optional[tuple[int, Any, dict]]:
+        """(step, state, progress) of the newest checkpoint that restores and verifies, or None
+        when there is none. Newer damaged checkpoints are skipped with a warning and set aside
+        (renamed `corrupt-step-<step>`), so that training saves those steps again; when no
+        checkpoint verifies, CheckpointError names each and nothing is moved."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                state, progress = self.restore(step, like_state)
+            except CheckpointError as error:
+                logger.warning("skipping the checkpoint of step %d: %s", step, error)
+                failures.append((step, error))
+                continue
+            for skipped, _ in failures:
+                self._set_aside(skipped)
+            if failures:
+                self._manager.reload()
+            return step, state, progress
+        if failures:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored: "
+                                  + "; ".join(str(error) for _, error in failures)
+                                  + "; pass --overwrite_output_dir to start over")
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        path = self.step_path(step)
+        if jax.process_index() == 0:
+            target = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}")
+            suffix = 1
+            while os.path.exists(target):
+                target, suffix = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}-{suffix}"), suffix + 1
+            os.replace(path, target)
+            logger.warning("moved the damaged checkpoint of step %d to %s", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"bart_jax set aside step {step}")
 
     def progress(self, step: int) -> dict:
         """The progress record (data position, dropout key) of `step` alone."""
-        return self._manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress
+        progress = self._manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress
+        progress.pop(CHECKSUMS, None)
+        return progress
 
     def wait(self) -> None:
         """Blocks until a background save has been finalized."""

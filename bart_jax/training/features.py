@@ -80,6 +80,24 @@ def _ids(encodings) -> list[np.ndarray]:
     return [np.asarray(encoding.ids, np.int32) for encoding in encodings]
 
 
+def text_values(records: list[Record], column: str, source: str) -> list[Any]:
+    """The values of a text column (`column_values`), each a string or empty (None, blank).
+
+    A number, list or mapping would otherwise be trained on as its `str()`, silently.
+    """
+    values = column_values(records, column, source)
+    for index, value in enumerate(values):
+        if not isinstance(value, str) and not is_empty_text(value):
+            raise ValueError(f"{source}: example {index} has {type(value).__name__} {_shorten(value)} in text column "
+                             f"{column!r}; expected a string")
+    return values
+
+
+def _shorten(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _keep_nonempty(*value_lists: list) -> np.ndarray:
     """Indices of the examples whose values are all non-empty."""
     empty = np.zeros(len(value_lists[0]), bool)
@@ -91,8 +109,8 @@ def _keep_nonempty(*value_lists: list) -> np.ndarray:
 def seq2seq_data(records: list[Record], tokenizer: BartTokenizer, text_column: str, summary_column: str,
                  max_source_length: int, max_target_length: int, source: str) -> TaskData:
     """input_ids `<s> text </s>` and labels `<s> summary </s>`, each truncated (keeping `</s>`)."""
-    texts = column_values(records, text_column, source)
-    targets = column_values(records, summary_column, source)
+    texts = text_values(records, text_column, source)
+    targets = text_values(records, summary_column, source)
     keep = _keep_nonempty(texts, targets)
     texts = [str(texts[i]) for i in keep]
     targets = [str(targets[i]) for i in keep]
@@ -118,7 +136,7 @@ def denoising_data(records: list[Record], tokenizer: BartTokenizer, text_column:
 
     The noise of example i in epoch e is drawn from `noise.example_rng(seed, e, i)`.
     """
-    texts = column_values(records, text_column, source)
+    texts = text_values(records, text_column, source)
     keep = _keep_nonempty(texts)
     backend = own_backend(tokenizer)
     documents = backend.encode_batch([str(texts[i]) for i in keep])
@@ -197,7 +215,8 @@ def infer_label_scheme(values: list, problem_type: Optional[str], num_labels: Op
         ids = [int(number) for number in numbers]
         if min(ids) < 0:
             raise ValueError(f"label ids must be >= 0, found {min(ids)}")
-        count = max(num_labels or 0, max(ids) + 1)
+        # A given num_labels is the head's size: ids beyond it are refused (encode_labels), not a wider head.
+        count = num_labels if num_labels is not None else max(ids) + 1
         return LabelScheme(problem_type, tuple(f"LABEL_{i}" for i in range(count)))
     found = sorted({str(item) for item in flat})
     names = tuple(model_names) if set(found) <= set(model_names) else tuple(found)
@@ -206,19 +225,26 @@ def infer_label_scheme(values: list, problem_type: Optional[str], num_labels: Op
     return LabelScheme(problem_type, names)
 
 
-def encode_labels(values: list, scheme: LabelScheme, source: str) -> np.ndarray:
-    """[n] int32 ids, [n, num_labels] float32 multi-hot, or [n] / [n, num_labels] float32 targets."""
-    index = {name: i for i, name in enumerate(scheme.names)}
+def encode_labels(values: list, scheme: LabelScheme, source: str,
+                  examples: Optional[Sequence[int]] = None) -> np.ndarray:
+    """[n] int32 ids, [n, num_labels] float32 multi-hot, or [n] / [n, num_labels] float32 targets.
 
-    def label_id(item) -> int:
+    examples: the example number of each value, for errors (default 0 .. n - 1).
+    """
+    index = {name: i for i, name in enumerate(scheme.names)}
+    examples = list(range(len(values))) if examples is None else list(examples)
+
+    def label_id(item, example: int) -> int:
         number = _as_number(item)
         if number is not None and str(item) not in index:
             label = int(number)
             if not 0 <= label < scheme.num_labels:
-                raise ValueError(f"{source}: label id {label} is outside 0..{scheme.num_labels - 1}")
+                raise ValueError(f"{source}: example {example} has label {item!r}, outside the label ids "
+                                 f"0..{scheme.num_labels - 1} (num_labels is {scheme.num_labels})")
             return label
         if str(item) not in index:
-            raise ValueError(f"{source}: unknown label {item!r}; the labels are {list(scheme.names)}")
+            raise ValueError(f"{source}: example {example} has unknown label {item!r}; the labels are "
+                             f"{list(scheme.names)}")
         return index[str(item)]
 
     if scheme.problem_type == "regression":
@@ -232,22 +258,22 @@ def encode_labels(values: list, scheme: LabelScheme, source: str) -> np.ndarray:
         hot = np.zeros((len(values), scheme.num_labels), np.float32)
         for row, value in enumerate(values):
             for item in value if isinstance(value, list) else [value]:
-                hot[row, label_id(item)] = 1.0
+                hot[row, label_id(item, examples[row])] = 1.0
         return hot
-    return np.array([label_id(value) for value in values], np.int32)
+    return np.array([label_id(value, example) for value, example in zip(values, examples)], np.int32)
 
 
 def classification_data(records: list[Record], tokenizer: BartTokenizer, text_column: str,
                         text_pair_column: Optional[str], label_column: str, max_length: int,
                         scheme: LabelScheme, source: str) -> TaskData:
     """input_ids `<s> a </s>` or `<s> a </s></s> b </s>` (longest-first truncation) and labels."""
-    texts = column_values(records, text_column, source)
-    pairs = column_values(records, text_pair_column, source) if text_pair_column else None
+    texts = text_values(records, text_column, source)
+    pairs = text_values(records, text_pair_column, source) if text_pair_column else None
     labels = column_values(records, label_column, source)
     keep = _keep_nonempty(texts, labels, *([pairs] if pairs else []))
     inputs = [(str(texts[i]), str(pairs[i])) if pairs else str(texts[i]) for i in keep]
     encodings, truncated = encode(own_backend(tokenizer), inputs, max_length)
-    label_array = encode_labels([labels[i] for i in keep], scheme, source)
+    label_array = encode_labels([labels[i] for i in keep], scheme, source, examples=keep.tolist())
     stats = DataStats(len(records), len(records) - len(keep), int(truncated.sum()))
     return TaskData({"input_ids": _ids(encodings), "labels": list(label_array)}, {"input_ids": max_length}, stats,
                     references=list(label_array))

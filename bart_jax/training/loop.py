@@ -29,7 +29,6 @@ from bart_jax.training.arguments import RESUMABLE_CHANGES, TrainingArguments
 from bart_jax.training.batching import DataPosition, collate, training_batches
 from bart_jax.training.data import column_values, read_records
 from bart_jax.training.evaluation import evaluate
-from bart_jax.training.metrics import METRICS_FILE, MetricsLog
 from bart_jax.training.models import (
     HF_MODEL_DIR,
     MODEL_DIR,
@@ -41,6 +40,15 @@ from bart_jax.training.models import (
 )
 from bart_jax.training.objectives import TASK_HEADS, make_objective
 from bart_jax.training.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
+from bart_jax.training.reporting import (
+    METRICS_FILE,
+    PROFILE_DIR,
+    TENSORBOARD_DIR,
+    MetricsLog,
+    StepProfiler,
+    resolve_integrations,
+)
+from bart_jax.training.selection import PROGRESS_KEY, BestModelTracker, checkpoint_params, prune_checkpoints
 from bart_jax.training.train_step import (
     compile_eval_step,
     compile_train_step,
@@ -52,10 +60,9 @@ logger = logging.getLogger(__name__)
 
 # The validation split's denoising noise is drawn with the training seed plus this.
 EVALUATION_SEED_OFFSET = 1
-# What a run writes in output_dir (overwrite_output_dir deletes the first three); "tensorboard" is
-# MetricsLog's directory.
-OUTPUT_NAMES = (checkpointing.CHECKPOINT_DIR, checkpointing.RUN_CONFIG_FILE, METRICS_FILE, "tensorboard",
-                MODEL_DIR, HF_MODEL_DIR)
+# What a run writes in output_dir (overwrite_output_dir deletes the first three).
+OUTPUT_NAMES = (checkpointing.CHECKPOINT_DIR, checkpointing.RUN_CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR,
+                PROFILE_DIR, MODEL_DIR, HF_MODEL_DIR)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -217,6 +224,7 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
     # The data position counts batches: resuming needs the same number of examples per batch.
     identity = {**arguments.run_identity(), "train_batch_size": batch_size}
     check_data_outside_outputs(arguments)
+    resolve_integrations(arguments.report_to)  # a missing package is named before any work
     try:
         checkpointing.prepare_output_dir(arguments.output_dir, identity, arguments.overwrite_output_dir,
                                          RESUMABLE_CHANGES)
@@ -239,18 +247,24 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
     train_step, state = compile_train_step(step_function, model.params, optimizer, mesh)
     eval_step = compile_eval_step(make_eval_step(objective), state.params, mesh)
 
-    checkpointer = checkpointing.Checkpointer(arguments.output_dir, arguments.save_total_limit,
+    tracker = BestModelTracker.for_arguments(arguments)
+    # With a best checkpoint to keep, the save limit is kept by prune_checkpoints instead of orbax.
+    checkpointer = checkpointing.Checkpointer(arguments.output_dir,
+                                              arguments.save_total_limit if tracker is None else None,
                                               arguments.async_checkpointing)
     position = DataPosition()
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, progress = checkpointer.restore(latest, state)
+    # The newest checkpoint that verifies: damaged newer ones are skipped with a warning.
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        latest, state, progress = restored
         position = DataPosition.from_dict(progress["data"])
         dropout_key = checkpointing.key_from_json(progress["rng"])
+        if tracker is not None:
+            tracker.restore(progress.get(PROGRESS_KEY))
         logger.info("resumed from the checkpoint of step %d (epoch %d, batch %d)", latest, position.epoch,
                     position.batch)
     step = int(state.step)
-    log = MetricsLog(arguments.output_dir, tensorboard=arguments.report_to == "tensorboard")
+    log = MetricsLog(arguments.output_dir, arguments.report_to, config=dataclasses.asdict(arguments))
     log.truncate_after(step)
 
     def run_evaluation() -> dict[str, float]:
@@ -265,36 +279,60 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
     logger.info("training %s for %d steps of %d examples (%d per epoch) from step %d", model.head,
                 setup.total_steps, batch_size, setup.steps_per_epoch, step)
     last_logged: dict[str, Any] = {}
+    last_evaluation_step = None
+    stopped = tracker is not None and tracker.stopped
+    if stopped:
+        logger.info("the run stopped early at step %d: not training further", step)
     window = _Window()
+    profiler = StepProfiler(arguments.output_dir, arguments.profile_range())
     batches = training_batches(len(setup.train_data), batch_size, arguments.seed, position)
     progress_bar = tqdm(total=setup.total_steps, initial=step, disable=arguments.disable_tqdm, desc="training")
+
+    def training_entry() -> dict[str, Any]:
+        # Also before every save: only states with finite losses are saved.
+        entry = {**window.summary(), "epoch": position.epoch + position.batch / setup.steps_per_epoch}
+        progress_bar.set_postfix(loss=f"{entry['loss']:.4f}")
+        return entry
+
     try:
-        while step < setup.total_steps:
+        while step < setup.total_steps and not stopped:
             position, epoch, indices = next(batches)
             batch = collate(setup.train_data, indices, epoch, model.config.pad_token_id)
             tokens = _count_tokens(batch)
+            profiler.before_step(step + 1)
             state, step_metrics = train_step(state, _stack_micro_batches(batch, arguments.gradient_accumulation_steps),
                                              dropout_key)
             step += 1
+            profiler.after_step(step, state)
             window.add(step, step_metrics, tokens)
             progress_bar.update(1)
             is_last = step == setup.total_steps
             is_save = step % arguments.save_steps == 0 or is_last
             entry: dict[str, Any] = {}
             if step % arguments.logging_steps == 0 or is_save:
-                # Also before every save: only states with finite losses are saved.
-                entry.update(window.summary())
-                entry["epoch"] = position.epoch + position.batch / setup.steps_per_epoch
-                progress_bar.set_postfix(loss=f"{entry['loss']:.4f}")
-            if setup.eval_data is not None and arguments.eval_steps and step % arguments.eval_steps == 0 \
-                    and not is_last:
-                entry.update(run_evaluation())
+                entry.update(training_entry())
+            eval_step_due = bool(arguments.eval_steps) and step % arguments.eval_steps == 0
+            if setup.eval_data is not None and (is_last or eval_step_due):
+                evaluation = run_evaluation()
+                entry.update(evaluation)
+                last_evaluation_step = step
+                if tracker is not None:
+                    verdict = tracker.observe(step, evaluation)
+                    stopped = verdict.stop
+                    if (verdict.improved or verdict.stop) and not is_save:
+                        # The best state is saved (and kept); so is the state an early stop ends with.
+                        is_save = True
+                        entry = entry if "loss" in entry else {**training_entry(), **entry}
             if entry:
                 log.write(step, entry)
                 last_logged = entry
             if is_save:
-                checkpointer.save(step, state, {"data": position.to_dict(),
-                                                "rng": checkpointing.key_to_json(dropout_key)})
+                progress = {"data": position.to_dict(), "rng": checkpointing.key_to_json(dropout_key)}
+                if tracker is not None:
+                    progress[PROGRESS_KEY] = tracker.to_dict()
+                checkpointer.save(step, state, progress)
+                if tracker is not None and jax.process_index() == 0:
+                    prune_checkpoints(checkpointer.directory, arguments.save_total_limit, step, [tracker.best_step])
     except NonFiniteLossError as error:
         checkpointer.wait()
         last = checkpointer.latest_step()
@@ -302,17 +340,29 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
                 else "no checkpoint was saved")
         raise NonFiniteLossError(f"{error}; stopping ({kept}). Try a lower learning rate or float32.") from None
     finally:
+        profiler.stop()
         progress_bar.close()
         # Also on an interruption: let a background save finish so that it is not lost.
         checkpointer.close()
 
     results = dict(last_logged)
-    if setup.eval_data is not None:
+    if setup.eval_data is not None and last_evaluation_step != step:  # a run resumed at its end
         evaluation = run_evaluation()
         log.write(step, evaluation)
         results.update(evaluation)
+    params = state.params
+    if tracker is not None:
+        if jax.process_index() == 0:
+            prune_checkpoints(checkpointer.directory, arguments.save_total_limit, step, [tracker.best_step])
+        results.update(best_step=tracker.best_step, best_metric=tracker.best_value)
+        if arguments.load_best_model_at_end and tracker.best_step is not None:
+            if tracker.best_step != step:
+                params = checkpoint_params(arguments.output_dir, tracker.best_step, state)
+            results.update(tracker.best_metrics)
+            logger.info("exporting the best model, of step %d (%s %.6g)", tracker.best_step, tracker.metric,
+                        tracker.best_value)
     log.close()
-    model_dir, hf_dir = export_model(model, state.params, arguments.output_dir)
+    model_dir, hf_dir = export_model(model, params, arguments.output_dir)
     logger.info("saved the trained model to %s and %s", model_dir, hf_dir)
     results["step"] = step
     return results

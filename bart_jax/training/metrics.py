@@ -1,4 +1,5 @@
-"""Evaluation metrics (ROUGE, accuracy/F1, SQuAD exact match/F1) and the metrics log.
+"""Evaluation metrics: ROUGE, accuracy/F1, SQuAD exact match/F1 (the log they go to is
+bart_jax.training.reporting).
 
 Every metric is a percentage-free float in [0, 1] except losses and lengths.
 """
@@ -6,26 +7,45 @@ Every metric is a percentage-free float in [0, 1] except losses and lengths.
 from __future__ import annotations
 
 import collections
-import json
-import logging
-import os
+import functools
 import re
 import string
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
-
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+# Abbreviations that end no sentence, for the sentence splitter: titles, months, and common
+# English abbreviations with periods (lower case, without the final period).
+ABBREVIATIONS = frozenset({
+    "mr", "mrs", "ms", "dr", "prof", "rev", "gen", "col", "lt", "sgt", "capt", "gov", "sen", "rep", "pres",
+    "st", "jr", "sr", "co", "corp", "inc", "ltd", "vs", "etc", "vol", "fig", "approx", "dept",
+    "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
+    "e.g", "i.e", "a.m", "p.m", "u.s", "u.k", "u.n", "e.u", "d.c",
+})
 
 
 # --- generation -------------------------------------------------------------------------------
-def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L/Lsum F-measures (Porter stemming), as the transformers summarization examples.
+@functools.lru_cache(maxsize=1)
+def _sentence_tokenizer():
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
-    rougeLsum treats each line as a sentence; texts are compared as given.
-    """
+    parameters = PunktParameters()
+    parameters.abbrev_types = set(ABBREVIATIONS)
+    return PunktSentenceTokenizer(parameters)
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text`: its lines, each split with nltk's Punkt algorithm given
+    ABBREVIATIONS and nothing learned (no data files to download)."""
+    tokenizer = _sentence_tokenizer()
+    return [sentence for line in text.strip().splitlines() for sentence in tokenizer.tokenize(line.strip())]
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L/Lsum F-measures (Porter stemming), as the transformers summarization examples:
+    each text is stripped and put one sentence a line (split_sentences), which only rougeLsum sees."""
     try:
         from rouge_score import rouge_scorer, scoring
     except ImportError:
@@ -33,7 +53,8 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     aggregator = scoring.BootstrapAggregator()
     for prediction, reference in zip(predictions, references):
-        aggregator.add_scores(scorer.score(reference, prediction))
+        aggregator.add_scores(scorer.score("\n".join(split_sentences(reference)),
+                                           "\n".join(split_sentences(prediction))))
     result = aggregator.aggregate()
     return {name: float(result[name].mid.fmeasure) for name in ROUGE_TYPES}
 
@@ -98,64 +119,3 @@ def squad_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]
         exact.append(max(float(normalize_answer(prediction) == normalize_answer(a)) for a in answers))
         f1.append(max(_token_f1(prediction, a) for a in answers))
     return {"exact_match": float(np.mean(exact)), "f1": float(np.mean(f1))}
-
-
-# --- the log ----------------------------------------------------------------------------------
-METRICS_FILE = "metrics.jsonl"
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to `<output_dir>/metrics.jsonl`, and mirrors the
-    numbers to TensorBoard when asked and a TensorBoard writer is installed."""
-
-    def __init__(self, output_dir: str, tensorboard: bool = False):
-        self.path = os.path.join(output_dir, METRICS_FILE)
-        self._writer = _tensorboard_writer(os.path.join(output_dir, "tensorboard")) if tensorboard else None
-
-    def truncate_after(self, step: int) -> None:
-        """Drops entries logged after `step`: a resumed run redoes those steps and logs them again."""
-        if not os.path.isfile(self.path):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            entries = [line for line in f if _logged_step(line) <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(entries)
-
-    def write(self, step: int, values: dict[str, Any]) -> None:
-        entry = {"step": int(step), **{key: _plain(value) for key, value in values.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-        if self._writer is not None:
-            for key, value in entry.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, step)
-            self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
-def _logged_step(line: str) -> float:
-    """The step of a log line; infinity for a blank or partial line (a crash while writing it)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "item"):
-        return np.asarray(value).item()
-    return value
-
-
-def _tensorboard_writer(directory: str) -> Optional[Any]:
-    for module in ("tensorboardX", "torch.utils.tensorboard"):
-        try:
-            writer_class = __import__(module, fromlist=["SummaryWriter"]).SummaryWriter
-            return writer_class(directory)
-        except ImportError:
-            continue
-    logger.warning("report_to=tensorboard, but neither tensorboardX nor tensorboard is installed: not writing it")
-    return None

@@ -1,10 +1,13 @@
 """Bad inputs, interruptions and concurrent runs of the commands (`bart-jax summarize`,
-`convert_weights.py` / `bart-jax convert`, `train.py`): a test module of bad-input cases that
-grows with every fix.
+`convert_weights.py` / `bart-jax convert`, `train.py`) and of the library calls that take token
+ids or options: a test module of bad-input cases that grows with every fix.
 
 BAD_CALLS is the corpus: one row per call that must be refused, with the text its one-line
-error must hold. Every refused call must exit non-zero without a traceback, before any model
-is loaded or training data read, and leave every file of its sandbox as it was. The tests after the table
+error must hold. Every refused command must exit non-zero without a traceback, before any model
+is loaded or training data read, and leave every file of its sandbox as it was. Every refused
+library call (rows whose command is "python") must raise ValueError naming the argument before
+anything is computed, where it would otherwise return plausible-looking junk or fail deep inside
+JAX or numpy. The tests after the table
 check what a call that is not refused guarantees: results streamed in input order, an output
 locked against a second job, resumable output after SIGKILL, conversions that replace a model
 only when asked. Tests marked `slow` run the command in a subprocess to kill it.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import importlib
 import json
 import os
 import pathlib
@@ -23,15 +27,25 @@ import signal
 import subprocess
 import sys
 import time
+import types
+import warnings
 from typing import Callable, Optional
 
+import jax
+import numpy as np
 import pytest
-from hf_reference import hf_model, save_hf_model
+import safetensors.numpy
+from hf_reference import TOKENIZER_DIR, hf_model, save_hf_model
 
-from bart_jax.apps import cli, convert, document_io
+from bart_jax import BartTokenizer, load_pretrained, parallel
+from bart_jax import pretrained as pretrained_module
+from bart_jax.apps import cli, convert, document_io, pipelines
 from bart_jax.checkpoints import files
+from bart_jax.generation import generate, resolve_generation_config
 from bart_jax.training import loop
 from bart_jax.training import main as train_main
+
+generate_module = importlib.import_module("bart_jax.generation.generate")  # the package exports the function
 
 TEXTS = ("The river rose overnight and the old bridge was closed.",
          "Council members voted to keep the library open on Sundays.",
@@ -138,13 +152,22 @@ def data_where_the_run_writes(root):
 @dataclasses.dataclass(frozen=True)
 class BadCall:
     name: str
-    argv: tuple[str, ...]  # the command first; "{tmp}" is the sandbox
+    argv: tuple[str, ...]  # the command first; "{tmp}" is the sandbox; ("python",) for a library call
     expected: str  # in the error line; "{pid}" is this process's pid
     prepare: Optional[Callable] = None
     needs: Optional[str] = None  # a path that must exist (else the row is skipped)
+    call: Optional[Callable] = None  # a library call: call(library) with the `library` fixture's models
 
     def __str__(self):
         return self.name
+
+
+def python(name: str, expected: str, call: Callable, needs: Optional[str] = None) -> BadCall:
+    """A row for a library call (the `library` fixture: vocabulary 99, 64 positions, 3 labels)."""
+    return BadCall(name, ("python",), expected, needs=needs, call=call)
+
+
+IDS = np.array([[0, 5, 6, 2]])  # a valid input of the tiny models
 
 
 def train_argv(*extra) -> tuple[str, ...]:
@@ -214,7 +237,60 @@ BAD_CALLS = [
             "lies where the run writes", data_where_the_run_writes),
     BadCall("train-output-dir-in-proc", train_argv("--output_dir", "/proc/bart_jax_run"),
             "cannot write --output_dir /proc/bart_jax_run", needs="/proc"),
+    # token ids the model has no row or position for (JAX would clamp them into junk output)
+    python("generate-id-beyond-vocab", "input_ids holds ids outside the vocabulary [0, 99): [99]",
+           lambda lib: generate(lib.module, lib.params, np.array([[0, 99, 2]]))),
+    python("generate-negative-id", "input_ids holds ids outside the vocabulary [0, 99): [-3]",
+           lambda lib: generate(lib.module, lib.params, np.array([[0, -3, 2]]))),
+    python("generate-input-too-long", "input_ids has length 65, longer than the model's max_position_embeddings (64)",
+           lambda lib: generate(lib.module, lib.params, np.zeros((1, 65), np.int32))),
+    python("generate-mask-not-binary", "attention_mask must hold only 0 and 1",
+           lambda lib: generate(lib.module, lib.params, IDS, np.array([[1, 1, 2, 1]]))),
+    python("jit-generate-id-beyond-vocab", "input_ids holds ids outside the vocabulary [0, 99): [120]",
+           lambda lib: lib.jit_generate(lib.params, np.array([[0, 120, 2]]), np.ones((1, 3), np.int32))),
+    python("jit-forward-input-too-long", "input_ids has length 65, longer than",
+           lambda lib: lib.jit_forward(lib.params, {"input_ids": np.zeros((1, 65), np.int32)})),
+    python("jit-decode-step-negative-id", "decoder_input_ids holds ids outside the vocabulary [0, 99): [-1]",
+           lambda lib: lib.jit_decode_step(lib.params, np.array([[-1]]), {}, 0, {}, np.ones((1, 4), np.int32))),
+    python("pretrained-generate-id-beyond-vocab", "input_ids holds ids outside the vocabulary",
+           lambda lib: lib.lm.generate(np.array([[0, 500, 2]]))),
+    python("fill-mask-tokenizer-beyond-vocab", "input_ids holds ids outside the vocabulary [0, 99)",
+           lambda lib: pipelines.fill_mask(lib.with_tokenizer(), "The river <mask> overnight."),
+           needs=str(TOKENIZER_DIR / "tokenizer.json")),  # 50265 tokens for a model of 99
+    # degenerate shapes (ZeroDivisionError in attention, numpy's "zero-size array" otherwise)
+    python("generate-no-rows", "input_ids has no rows (shape (0, 4))",
+           lambda lib: generate(lib.module, lib.params, np.zeros((0, 4), np.int32))),
+    python("generate-empty-input", "input_ids is empty (shape (1, 0))",
+           lambda lib: generate(lib.module, lib.params, np.zeros((1, 0), np.int32))),
+    python("pretrained-no-rows", "input_ids has no rows", lambda lib: lib.lm(input_ids=np.zeros((0, 4), np.int32))),
+    python("pretrained-empty-decoder-input-ids", "decoder_input_ids is empty",
+           lambda lib: lib.lm(input_ids=IDS, decoder_input_ids=np.zeros((1, 0), np.int32))),
+    # options of the wrong type
+    python("generate-length-penalty-string", "length_penalty must be a number, got 'big'",
+           lambda lib: generate(lib.module, lib.params, IDS, num_beams=2, length_penalty="big")),
+    python("generate-temperature-nan", "temperature must be a number, got nan",
+           lambda lib: generate(lib.module, lib.params, IDS, temperature=float("nan"))),
+    python("generate-prng-key-int", "prng_key must be a JAX PRNG key",
+           lambda lib: generate(lib.module, lib.params, IDS, do_sample=True, prng_key=5)),
+    python("jit-generate-prng-key-int", "prng_key must be a JAX PRNG key",
+           lambda lib: lib.jit_generate(lib.params, IDS, np.ones_like(IDS), 5)),
+    # options transformers refuses
+    python("generate-bad-words-beyond-vocab", "bad_words_ids holds token ids outside the vocabulary [0, 99): [120]",
+           lambda lib: generate(lib.module, lib.params, IDS, bad_words_ids=[[5], [7, 120]])),
+    python("fill-mask-top-k-negative", "top_k must be a positive integer, got -1",
+           lambda lib: pipelines.fill_mask(lib.lm, "A <mask> day.", top_k=-1)),
+    python("fill-mask-top-k-zero", "top_k must be a positive integer, got 0",
+           lambda lib: pipelines.fill_mask(lib.lm, "A <mask> day.", top_k=0)),
+    # classification labels outside [0, num_labels): a NaN loss above, a finite wrong one below
+    python("classifier-label-beyond-num-labels", "labels holds class ids outside [0, 3) (num_labels is 3): [7]",
+           lambda lib: lib.classifier(input_ids=IDS, labels=np.array([7]))),
+    python("classifier-negative-label", "labels holds class ids outside [0, 3) (num_labels is 3): [-3]",
+           lambda lib: lib.classifier(input_ids=IDS, labels=np.array([-3]))),
+    python("classifier-labels-per-row", "labels has shape (2,) but input_ids has 1 rows",
+           lambda lib: lib.classifier(input_ids=IDS, labels=np.array([0, 1]))),
 ]
+COMMANDS = [case for case in BAD_CALLS if case.call is None]
+LIBRARY_CALLS = [case for case in BAD_CALLS if case.call is not None]
 
 
 def call(argv: list[str]) -> int:
@@ -233,7 +309,7 @@ def refuse_to_load(*args, **kwargs):
     raise AssertionError("a refused call loaded a model or read data")
 
 
-@pytest.mark.parametrize("case", BAD_CALLS, ids=str)
+@pytest.mark.parametrize("case", COMMANDS, ids=str)
 def test_bad_call_is_refused_in_one_line_and_changes_nothing(case, sandbox, monkeypatch, capsys):
     if case.needs and not os.path.exists(case.needs):
         pytest.skip(f"no {case.needs} on this system")
@@ -257,6 +333,60 @@ def test_bad_call_is_refused_in_one_line_and_changes_nothing(case, sandbox, monk
     lines = [line for line in error.splitlines() if line.strip()]
     assert lines and case.expected.format(pid=os.getpid()) in lines[-1], error
     assert after == before, f"{case.name} changed files although it was refused"
+
+
+@pytest.fixture(scope="module")
+def library(model_dirs, tmp_path_factory):
+    """The models of the library rows: the tiny generation model (vocabulary 99, 64 positions),
+    a 3-way classifier, and the sharded entry points over a one-device mesh."""
+    lm = load_pretrained(model_dirs[1])
+    classifier = load_pretrained(save_hf_model(hf_model("BartForSequenceClassification", seed=4, num_labels=3),
+                                               tmp_path_factory.mktemp("classifier") / "hf"))
+    mesh = parallel.make_mesh()
+    shardings = parallel.tree_shardings(lm.params, mesh)
+    config = resolve_generation_config(lm.module, lm.generation_config, max_new_tokens=4)
+    return types.SimpleNamespace(
+        lm=lm, classifier=classifier, module=lm.module, params=lm.params,
+        with_tokenizer=lambda: dataclasses.replace(lm, tokenizer=BartTokenizer.from_pretrained(TOKENIZER_DIR)),
+        jit_generate=parallel.jit_generate(lm.module, mesh, shardings, config),
+        jit_forward=parallel.jit_forward(lm.module, mesh, shardings),
+        jit_decode_step=parallel.jit_decode_step(lm.module, mesh, shardings),
+    )
+
+
+@pytest.mark.parametrize("case", LIBRARY_CALLS, ids=str)
+def test_bad_library_call_is_refused_naming_the_argument(case, library, monkeypatch):
+    if case.needs and not os.path.exists(case.needs):
+        pytest.skip(f"no {case.needs} (the shared test data)")
+    # Refused before generating or running the model (the sharded entry points are jitted already).
+    monkeypatch.setattr(generate_module, "generate_static", refuse_to_load)
+    monkeypatch.setattr(pretrained_module, "_apply", refuse_to_load)
+    with pytest.raises(ValueError) as refused:
+        case.call(library)
+    assert case.expected in str(refused.value)
+
+
+def test_valid_library_calls_pass_the_checks(library):
+    """The checks of the rows above let valid calls through (the sharded ones too)."""
+    key = jax.random.PRNGKey(0)
+    assert generate(library.module, library.params, IDS, max_new_tokens=3, bad_words_ids=[[5], [7, 98]]).shape[0] == 1
+    assert generate(library.module, library.params, IDS, do_sample=True, prng_key=key, max_new_tokens=3,
+                    length_penalty=2).shape[0] == 1
+    assert generate(library.module, library.params, IDS, do_sample=True, prng_key=jax.random.key(0),
+                    max_new_tokens=3).shape[0] == 1
+    assert library.jit_generate(library.params, IDS, np.ones_like(IDS)).sequences.shape[0] == 1
+    assert library.jit_forward(library.params, {"input_ids": IDS}).logits.shape == (1, 4, 99)
+    loss = library.classifier(input_ids=IDS, labels=np.array([2])).loss
+    assert np.isfinite(float(loss))
+    assert library.classifier(input_ids=IDS, labels=np.array([-100])).logits.shape == (1, 3)  # ignored, as in torch
+
+
+def test_min_length_above_max_length_warns_as_transformers(library):
+    with pytest.warns(UserWarning, match=r"min_length \(12\) is larger than max_length \(5\)"):
+        resolve_generation_config(library.module, library.lm.generation_config, max_length=5, min_length=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_generation_config(library.module, library.lm.generation_config, max_length=12, min_length=5)
 
 
 # --- results on standard output are streamed in input order -----------------------------------
@@ -327,6 +457,44 @@ def test_corrupt_model_fails_in_one_line_and_writes_no_output(sandbox, capsys):
     error = capsys.readouterr().err.strip()
     assert "model.safetensors is not a readable safetensors file" in error and len(error.splitlines()) == 1
     assert not output.exists() and not (sandbox / "out.jsonl.lock").exists()
+
+
+def corrupt_weights(path, how: str) -> str:
+    """Damages a safetensors file so that it still parses; returns the name of the tensor hit."""
+    tensors = safetensors.numpy.load_file(str(path))
+    name = sorted(key for key in tensors if key.replace("/", ".").endswith("fc1.weight"))[0]
+    if how == "int32":
+        tensors[name] = tensors[name].astype(np.int32)
+        safetensors.numpy.save_file(tensors, str(path), metadata={"format": "pt"})
+        return name
+    # Overwrite bytes in the middle of the tensor's data, as a damaged disk block would: 0xff bytes
+    # are NaN in float32 and bfloat16.
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:header])[name]["data_offsets"]
+    middle = header + (start + end) // 2 // 4 * 4
+    path.write_bytes(data[:middle] + b"\xff" * 64 + data[middle + 64:])
+    return name
+
+
+@pytest.mark.parametrize("how", ["corrupt-data", "int32"])
+def test_damaged_weights_are_refused_naming_the_tensor_and_file(sandbox, how, capsys):
+    weights = sandbox / "hf" / files.SAFE_WEIGHTS_NAME
+    name = corrupt_weights(weights, how)
+    expected = "NaN or infinite values" if how == "corrupt-data" else "weights must be floating point"
+    # Conversion: one line, naming the file and the tensor; no destination is left behind.
+    assert convert.main([str(sandbox / "hf"), str(sandbox / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and expected in error and name in error and str(weights) in error, error
+    assert not (sandbox / "out").exists()
+    # Loading, also with strict=False.
+    with pytest.raises(ValueError, match=expected) as refused:
+        load_pretrained(sandbox / "hf", strict=False)
+    assert name in str(refused.value)
+    # A converted directory whose params file was damaged after the conversion.
+    corrupt_weights(sandbox / "converted" / files.CONVERTED_PARAMS_NAME, how)
+    with pytest.raises(ValueError, match=expected):
+        files.load_converted(sandbox / "converted")
 
 
 # --- one job per output ------------------------------------------------------------------------

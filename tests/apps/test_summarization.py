@@ -1,6 +1,8 @@
 """Batch summarization and the `bart-jax summarize` CLI on a small random-weight model with
-the real BART tokenizer: equal to transformers' generate document by document, bucketing that
-changes no output and compiles once per shape, resumable output, bad documents."""
+the real BART tokenizer: equal to transformers' generate and batch_decode document by document
+(every returned sequence, its ids and its beam score), bucketing that changes no output and
+compiles once per shape, resumable output, bad documents, compilations loaded from the
+persistent cache counted as such."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from hf_reference import SHARED_DATA, TOKENIZER_DIR, hf_model, save_hf_model
 
 from bart_jax import load_pretrained
 from bart_jax.apps.cli import main
+from bart_jax.apps.scores import evaluate, rouge
 from bart_jax.apps.summarize import SummaryStats, bucket_batch, bucket_length, iter_summaries, summarize
 
 XSUM = SHARED_DATA / "summarization" / "xsum_hf_fixture_sample.jsonl"
@@ -66,11 +69,36 @@ def test_summaries_equal_transformers_generate_per_document(model_dir, pretraine
         inputs = tokenizer(text, truncation=True, max_length=96, return_tensors="pt")
         with torch.no_grad():
             ids = model.generate(**inputs, **OPTIONS)
-        expected.append(tokenizer.decode(ids[0], skip_special_tokens=True).strip())
+        expected.append(tokenizer.batch_decode(ids, skip_special_tokens=True)[0])
     assert ours == expected
-    lengths = {len(tokenizer(summary)["input_ids"]) for summary in expected}
+    lengths = {len(tokenizer(summary.strip())["input_ids"]) for summary in expected}
     assert len(lengths) > 1, f"all summaries have the same length {lengths}: EOS handling is not exercised"
     assert len(set(expected)) > 1, "every document got the same summary: the input is not exercised"
+
+
+def test_every_returned_sequence_with_ids_and_scores_equals_transformers(model_dir, pretrained, tmp_path, capsys):
+    model, directory = model_dir
+    texts = documents(3)
+    source = tmp_path / "in.jsonl"
+    write_jsonl(source, [{"document": text} for text in texts])
+    assert main(["summarize", str(source), "--model", str(directory), "-o", str(tmp_path / "out.jsonl"),
+                 "--no-compilation-cache", "--no-progress", "--num-beams", "3", "--num-return-sequences", "3",
+                 "--max-length", "24", "--output-ids", "--batch-size", "2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    tokenizer = transformers.BartTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"))
+    for record, text in zip(records, texts):
+        inputs = tokenizer(text, truncation=True, max_length=96, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, num_beams=3, num_return_sequences=3, max_length=24,
+                                    output_scores=True, return_dict_in_generate=True)
+        assert record["summaries"] == tokenizer.batch_decode(output.sequences, skip_special_tokens=True)
+        assert record["summary"] == record["summaries"][0] and record["score"] == record["scores"][0]
+        assert record["scores"] == pytest.approx(output.sequences_scores.tolist(), abs=1e-4)
+        expected_ids = [[t for t in row.tolist()[1:] if t != tokenizer.pad_token_id] for row in output.sequences]
+        assert record["summaries_ids"] == expected_ids and record["summary_ids"] == expected_ids[0]
+    report = json.loads(capsys.readouterr().err.split("summary: ")[1].splitlines()[0])
+    assert report["generated_tokens"] == sum(len(r["summary_ids"]) for r in records)
+    assert 0 < report["padding_efficiency"] <= 1 and report["documents_per_second"] > 0
 
 
 def test_same_bucket_does_not_recompile(pretrained):
@@ -80,6 +108,17 @@ def test_same_bucket_does_not_recompile(pretrained):
     again = dict(iter_summaries(pretrained, texts[::-1], batch_size=4, stats=stats, **OPTIONS))
     assert stats.compiles == 0, f"a second call in the same bucket compiled {stats.compiles} times"
     assert [again[i] for i in range(3)] == summarize(pretrained, texts[::-1], batch_size=4, **OPTIONS)
+
+
+def test_evaluate_summarizes_and_scores_with_rouge(pretrained):
+    with open(XSUM, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f][:3]
+    texts, references = [r["document"] for r in records], [r["summary"] for r in records]
+    result = evaluate(pretrained, texts, references, batch_size=4, **OPTIONS)
+    assert result["summaries"] == summarize(pretrained, texts, batch_size=4, **OPTIONS)
+    assert result["metrics"] == rouge(result["summaries"], references)
+    assert set(result["metrics"]) >= {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert result["stats"]["documents"] == 3
 
 
 def test_padding_to_a_bucket_changes_nothing(pretrained):
@@ -165,16 +204,22 @@ def test_cli_stdin_to_stdout_and_errors(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_persistent_compilation_cache_is_filled(model_dir, tmp_path):
+def test_persistent_compilation_cache_is_filled_and_counted_as_hits(model_dir, tmp_path):
     _, directory = model_dir
     source = tmp_path / "in.txt"
     source.write_text("One short document.\n", encoding="utf-8")
     cache = tmp_path / "xla"
     command = [sys.executable, "-m", "bart_jax", "summarize", str(source), "--model", str(directory), "--no-progress",
                "--compilation-cache", str(cache), "--max-length", "8"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert any(cache.iterdir()), "no executable was written to the persistent compilation cache"
+    reports = []
+    for _ in range(2):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        reports.append(json.loads(result.stderr.split("summary: ")[1].splitlines()[0]))
+        assert any(cache.iterdir()), "no executable was written to the persistent compilation cache"
+    assert reports[0]["compiles"] >= 1 and reports[0]["cache_hits"] == 0
+    # The second process loads what the first compiled: cache hits, no compilation.
+    assert reports[1]["compiles"] == 0 and reports[1]["cache_hits"] >= 1, reports
 
 
 @pytest.mark.slow

@@ -121,7 +121,7 @@ def test_facts_match_the_modules_and_their_users():
 def test_unknown_heads_name_the_choices():
     choices = ", ".join(HEADS)
     _, config = reference("BartModel", True)
-    for call in (lambda: registry.head_spec("BartForMaskedLM"), lambda: conversion.check_head("BartForMaskedLM"),
+    for call in (lambda: registry.head_spec("BartForMaskedLM"), lambda: registry.check_head("BartForMaskedLM"),
                  lambda: registry.param_shapes(config, "BartForMaskedLM"),
                  lambda: validation.check_inputs(config, "BartForMaskedLM", {})):
         with pytest.raises(ValueError, match=f"unknown head 'BartForMaskedLM'; choose one of {choices}"):

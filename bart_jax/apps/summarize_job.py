@@ -1,0 +1,213 @@
+"""`bart-jax summarize`: its arguments and the job (read, summarize, write, score, report).
+
+Documents are read and summarized in windows of `--window` documents (sorted by length within
+each window), so that memory stays flat however long the input is; results are written as they
+are produced (in input order within each window on standard output), and the output file is
+put in input order at the end. On several local devices the job runs data parallel by default
+(`--mesh`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Iterator, Optional
+
+import jax
+from tqdm import tqdm
+
+from bart_jax import parallel
+from bart_jax.apps import document_io, inputs, outputs
+from bart_jax.apps.scores import RougeAccumulator
+from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, source_limit, warmup
+
+DEFAULT_WINDOW = 10_000
+MESH_CHOICES = ("auto", "none", *parallel.PRESETS)
+WARNINGS_SHOWN = 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The summarize command's own arguments (model and generation arguments are cli.py's)."""
+    parser.add_argument("input", nargs="?",
+                        help="documents: .txt (one per line), .jsonl, .csv, .tsv, .parquet, .arrow, a directory "
+                             "saved by datasets' save_to_disk, or - for standard input")
+    parser.add_argument("--dataset-name", help="read a Hugging Face hub dataset instead (needs `datasets`)")
+    parser.add_argument("--dataset-config", help="the dataset's configuration (e.g. 3.0.0 for cnn_dailymail)")
+    parser.add_argument("--split", help="the split of a hub dataset (default: test) or of a saved DatasetDict")
+    parser.add_argument("--text-field", help="field holding the text (default: text, document or article)")
+    parser.add_argument("--id-field", help="field holding an id to keep with each result (default: id, if any)")
+    parser.add_argument("--reference-field", help="field holding a reference summary: score ROUGE against it")
+    parser.add_argument("--strict", action="store_true", help="stop at an invalid JSON line instead of skipping it")
+    parser.add_argument("-o", "--output", help="output file (default: JSON lines on standard output)")
+    parser.add_argument("--output-format", choices=outputs.FORMATS,
+                        help="jsonl, parquet or csv (default: from the output's name, else jsonl)")
+    parser.add_argument("--output-ids", action="store_true", help="also write the generated token ids")
+    parser.add_argument("--metrics-output", help="write the final report (and ROUGE scores) to this JSON file")
+    parser.add_argument("--resume", action="store_true", help="skip documents already in --output")
+    parser.add_argument("--warmup", action="store_true", help="compile every bucket shape before starting")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help="documents read, sorted by length and summarized at a time (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true")
+    add_mesh_argument(parser)
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", choices=MESH_CHOICES, default="auto",
+                        help="device mesh over this host's devices (bart_jax.parallel.PRESETS); auto: data "
+                             "parallel where there are several devices, none: one device")
+
+
+def job_mesh(name: Optional[str]) -> Optional[jax.sharding.Mesh]:
+    """The mesh of `--mesh` over this process's devices (None: one device)."""
+    if name in (None, "auto"):
+        name = "data" if jax.local_device_count() > 1 else "none"
+    if name == "none":
+        return None
+    return parallel.preset_mesh(name, devices=jax.local_devices())
+
+
+def _windows(documents, size: int) -> Iterator[list[inputs.Document]]:
+    window = []
+    for document in documents:
+        window.append(document)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _bucket_lengths(model, max_source_length: Optional[int]) -> list[int]:
+    limit = source_limit(model, max_source_length)
+    return sorted({min(size, limit) for size in LENGTH_BUCKETS})
+
+
+def run(args: argparse.Namespace, load: Callable, summaries: Callable, settings: dict, options: dict) -> int:
+    """Runs the job of `args`: `load()` gives the model, `summaries` is `iter_summaries`,
+    `settings` what the summaries depend on (hashed into each record), `options` the
+    generation options."""
+    if args.window < 1:
+        raise ValueError(f"--window must be positive, got {args.window}")
+    fmt = outputs.output_format(args.output, args.output_format)
+    journal = outputs.journal_path(args.output, fmt) if args.output else None
+    lock = None
+    if args.output:
+        # Before any work: an output that cannot be written, or that another job is writing, fails at once.
+        document_io.check_output(args.output, args.input, journal)
+        lock = document_io.OutputLock(args.output)
+    source = None
+    try:
+        source = inputs.open_documents(args.input, args.text_field, args.id_field, args.reference_field,
+                                       args.strict, dataset_name=args.dataset_name,
+                                       dataset_config=args.dataset_config, split=args.split)
+        return _run(args, source, fmt, journal, load, summaries, settings, options)
+    finally:
+        if source is not None:
+            source.close()
+        if lock is not None:
+            lock.release()
+
+
+def _run(args, source, fmt, journal, load, summaries, settings, options) -> int:
+    settings_hash = document_io.options_hash(settings)
+    done = document_io.read_done(journal) if journal and args.resume else {}
+    if done:
+        document_io.check_done(args.output, done, source, settings_hash)
+    model = load()
+    if args.warmup:
+        began, warmed = time.perf_counter(), SummaryStats()
+        count = warmup(model, args.batch_size, _bucket_lengths(model, args.max_source_length), stats=warmed,
+                       **options)
+        print(f"warmup: {count} shapes in {time.perf_counter() - began:.1f} s ({warmed.compiles} compiled, "
+              f"{warmed.cache_hits} loaded from the compilation cache)", file=sys.stderr)
+
+    writer = document_io.ResultWriter(journal, resume=args.resume) if args.output else None
+    stats = SummaryStats()
+    scorer = RougeAccumulator(seed=args.seed) if args.reference_field else None
+    missing_references = 0
+    started = time.perf_counter()
+    progress = tqdm(unit="doc", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+
+    def on_batch(count: int, tokens: int) -> None:
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        progress.update(count)
+        progress.set_postfix(docs_per_s=f"{stats.documents / elapsed:.2f}",
+                             tokens_per_s=f"{stats.generated_tokens / elapsed:.1f}")
+
+    def score(window: list, texts: dict[int, str]) -> None:
+        # In input order: the bootstrap interval depends on the order of the scores.
+        nonlocal missing_references
+        for document in window if scorer is not None else ():
+            if document.reference is None:
+                missing_references += 1
+            else:
+                scorer.add(texts[document.index], document.reference)
+
+    total = 0
+    try:
+        for window in _windows(source, args.window):
+            total += len(window)
+            produced = {d.index: done[d.index].get("summary", "") for d in window if d.index in done}
+            todo = [document for document in window if document.index not in done]
+            # Standard output: in input order within the window, as soon as that order allows.
+            sink = writer or document_io.OrderedWriter(sys.stdout, (document.index for document in todo))
+            generated = summaries(model, [d.text for d in todo], args.batch_size, args.max_source_length, args.seed,
+                                  stats, on_batch, details=True, **options) if todo else ()
+            for position, summary in generated:
+                document = todo[position]
+                record = outputs.make_record(document, summary, settings_hash, args.output_ids)
+                sink.write(record)
+                produced[document.index] = record["summary"]
+            score(window, produced)
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+    if args.output:
+        outputs.finalize_output(args.output, fmt, total)
+    report = _report(stats, time.perf_counter() - started, len(done), source.counts)
+    if scorer is not None:
+        report["rouge"] = scorer.result()
+        report["missing_references"] = missing_references
+    print("summary: " + json.dumps(report), file=sys.stderr)
+    if args.metrics_output:
+        temporary = args.metrics_output + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(temporary, args.metrics_output)
+    _warn(stats, source.counts, missing_references)
+    return 0
+
+
+def _report(stats: SummaryStats, wall: float, skipped: int, counts: inputs.ReadCounts) -> dict:
+    seconds = max(wall, 1e-9)
+    return {
+        "documents": stats.documents, "skipped_by_resume": skipped, "empty": stats.empty,
+        "truncated": stats.truncated, "replaced_bytes_lines": counts.replaced_bytes_lines,
+        "invalid_lines": counts.invalid_lines, "source_tokens": stats.source_tokens,
+        "generated_tokens": stats.generated_tokens, "padded_source_tokens": stats.padded_source_tokens,
+        "padding_efficiency": round(stats.padding_efficiency, 4), "wall_seconds": round(wall, 2),
+        "documents_per_second": round(stats.documents / seconds, 3),
+        "source_tokens_per_second": round(stats.source_tokens / seconds, 1),
+        "generated_tokens_per_second": round(stats.generated_tokens / seconds, 1),
+        "compiles": stats.compiles, "cache_hits": stats.cache_hits, "batches": stats.batches,
+        "shapes": sorted(stats.shapes), "devices": jax.local_device_count(),
+    }
+
+
+def _warn(stats: SummaryStats, counts: inputs.ReadCounts, missing_references: int) -> None:
+    for line in counts.warnings[:WARNINGS_SHOWN]:
+        print(f"warning: {line}", file=sys.stderr)
+    if len(counts.warnings) > WARNINGS_SHOWN:
+        print(f"warning: ... and {len(counts.warnings) - WARNINGS_SHOWN} more", file=sys.stderr)
+    for count, message in ((stats.empty, "empty documents got empty summaries"),
+                           (stats.truncated, "documents were longer than the model's input and were truncated"),
+                           (counts.replaced_bytes_lines, "lines had bytes that are not UTF-8; they were replaced"),
+                           (counts.invalid_lines, "invalid lines were skipped (--strict stops at the first)"),
+                           (missing_references, "documents had no reference and were not scored")):
+        if count:
+            print(f"warning: {count} {message}", file=sys.stderr)
