@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from bart_jax import parallel
 from bart_jax.apps.aot_report import cost_report, memory_report, roofline, text_line
+from bart_jax.apps.aot_search import find_max_batch
 from bart_jax.apps.chips import chip_for, parse_topology
 from bart_jax.config import BartConfig
 from bart_jax.generation.config import GenerationConfig
@@ -92,6 +93,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     search.add_argument("--batch-granularity", type=int, default=1, help="per-chip batches searched are multiples")
     search.add_argument("--max-per-chip-batch", type=int, default=4096, help="where doubling stops")
     parser.add_argument("--json", action="store_true", help="one JSON line per workload (default: text)")
+    # The batch search's own compiles leave generation's decoder step to the end.
+    parser.add_argument("--no-step-cost", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -265,62 +268,6 @@ class Compiler:
                       stablehlo_bytes=len(text))
         return record
 
-    def find_max_batch(self, workload: str) -> dict:
-        """The largest per-chip batch (a multiple of --batch-granularity) whose program compiles
-        and fits the chip's HBM: doubling from the start, then bisection of the bracket. Each
-        bisection probe is where the memory of the two largest fitting batches, extended as a
-        line, reaches the HBM (the midpoint when that is unknown, or after such a probe failed),
-        so that a few compiles do."""
-        args, step = self.args, max(1, self.args.batch_granularity)
-        start = max(step, (args.batch_size or self.shards) // self.shards // step * step)
-        tried, fitting = [], {}  # per-chip batch -> total bytes of those that fit
-        best, first_failure = None, None
-
-        def attempt(per_chip: int) -> bool:
-            nonlocal best, first_failure
-            record = self.compile_tpu(workload, self.shapes(per_chip), step_cost=False)
-            total = record.get("memory", {}).get("total")
-            tried.append({"per_chip_batch": per_chip, "fits": record["fits"], "total": total})
-            if record["fits"]:
-                fitting[per_chip] = total
-                if best is None or per_chip > best["per_chip_batch"]:
-                    best = record
-            elif first_failure is None:
-                first_failure = record
-            return record["fits"]
-
-        size, failing = start, None
-        while failing is None and size <= args.max_per_chip_batch:
-            if attempt(size):
-                size *= 2
-            else:
-                failing = size
-        low = max(fitting, default=0)
-        high = failing
-        interpolate = True
-        while high is not None and high - low > step:
-            probe = self._probe(fitting if interpolate else {}, low, high, step)
-            if attempt(probe):
-                low = probe
-            else:
-                # A line that overshot once bisects next: the compiler's limit sits below the HBM.
-                high, interpolate = probe, not interpolate
-        record = best or first_failure
-        if best is not None and workload == "generate":
-            self.add_generation_cost(record, self.shapes(best["per_chip_batch"]))
-        record["max_per_chip_batch"] = low
-        record["search"] = tried
-        return record
-
-    def _probe(self, fitting: dict, low: int, high: int, step: int) -> int:
-        """The next batch to try strictly between `low` (fits) and `high` (does not)."""
-        middle = (low + high) // 2 // step * step
-        sizes = sorted(fitting)[-2:]
-        if len(sizes) == 2 and fitting[sizes[1]] > fitting[sizes[0]]:
-            slope = (fitting[sizes[1]] - fitting[sizes[0]]) / (sizes[1] - sizes[0])
-            middle = int(sizes[1] + (self.chip.hbm_bytes - fitting[sizes[1]]) / slope) // step * step
-        return min(max(middle, low + step), high - step)
-
 
 def run_command(args: argparse.Namespace) -> int:
     # Compile-only TPU devices need no TPU: keep JAX itself on the CPU, and let several
@@ -342,10 +289,10 @@ def run_command(args: argparse.Namespace) -> int:
             record = compiler.export_cuda(workload, compiler.shapes())
             failed |= not record["lowered"]
         elif args.find_max_batch:
-            record = compiler.find_max_batch(workload)
+            record = find_max_batch(compiler, workload, build_parser())
             failed |= record["max_per_chip_batch"] == 0
         else:
-            record = compiler.compile_tpu(workload, compiler.shapes())
+            record = compiler.compile_tpu(workload, compiler.shapes(), step_cost=not args.no_step_cost)
             failed |= not record["compiled"]
         print(json.dumps(record) if args.json else text_line(record), flush=True)
     return 1 if failed else 0

@@ -82,11 +82,14 @@ def _string(value: Any) -> Optional[str]:
 
 
 class DocumentSource:
-    """Documents of one source; iterate it (again and again) for `Document`s in input order."""
+    """Documents of one source; iterate it (again and again) for `Document`s in input order.
+    `size`: how many there are, where the source tells without being read (Parquet, hub datasets)."""
 
-    def __init__(self, name: str, rows: Callable[[ReadCounts], Iterator[tuple[Optional[str], str, Optional[str]]]]):
+    def __init__(self, name: str, rows: Callable[[ReadCounts], Iterator[tuple[Optional[str], str, Optional[str]]]],
+                 size: Optional[int] = None):
         self.name = name
         self._rows = rows
+        self.size = size
         self.counts = ReadCounts()
         self.spooled: Optional[str] = None  # standard input's temporary copy
 
@@ -272,7 +275,10 @@ def _table_rows(parts, fields: Fields):
 def _open_tables(paths: list[str], source: str, fields: Fields) -> DocumentSource:
     opened = [_arrow_batches(path) for path in paths]
     chosen = fields.choose(opened[0][0].names if opened else [], source)
-    return DocumentSource(source, _table_rows([batches for _, batches in opened], chosen))
+    size = None
+    if all(path.endswith(".parquet") for path in paths):
+        size = sum(_pyarrow().parquet.ParquetFile(path).metadata.num_rows for path in paths)
+    return DocumentSource(source, _table_rows([batches for _, batches in opened], chosen), size)
 
 
 def _saved_dataset_files(directory: str, split: Optional[str]) -> list[str]:
@@ -320,7 +326,7 @@ def _open_hub(name: str, config: Optional[str], split: Optional[str], fields: Fi
                 yield (_string(batch[chosen.id][position]) if chosen.id else None, _string(text) or "",
                        _string(batch[chosen.reference][position]) if chosen.reference else None)
 
-    return DocumentSource(f"dataset {name}", rows)
+    return DocumentSource(f"dataset {name}", rows, len(dataset))
 
 
 # --- standard input ------------------------------------------------------------------------------

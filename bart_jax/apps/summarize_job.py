@@ -22,7 +22,7 @@ from tqdm import tqdm
 from bart_jax import parallel
 from bart_jax.apps import document_io, inputs, outputs
 from bart_jax.apps.scores import RougeAccumulator
-from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, source_limit, warmup
+from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, params_mesh, source_limit, warmup
 
 DEFAULT_WINDOW = 10_000
 MESH_CHOICES = ("auto", "none", *parallel.PRESETS)
@@ -94,10 +94,16 @@ def run(args: argparse.Namespace, load: Callable, summaries: Callable, settings:
     fmt = outputs.output_format(args.output, args.output_format)
     journal = outputs.journal_path(args.output, fmt) if args.output else None
     lock = None
+    if args.metrics_output and not os.path.isdir(os.path.dirname(os.path.abspath(args.metrics_output))):
+        raise ValueError(f"--metrics-output {args.metrics_output} cannot be written: its directory does not exist")
     if args.output:
         # Before any work: an output that cannot be written, or that another job is writing, fails at once.
         document_io.check_output(args.output, args.input, journal)
         lock = document_io.OutputLock(args.output)
+        if args.resume and journal != args.output and not os.path.exists(journal) and os.path.exists(args.output):
+            lock.release()
+            raise ValueError(f"{args.output} is complete (there is no {journal} to resume from); "
+                             f"drop --resume to write it again")
     source = None
     try:
         source = inputs.open_documents(args.input, args.text_field, args.id_field, args.reference_field,
@@ -129,7 +135,8 @@ def _run(args, source, fmt, journal, load, summaries, settings, options) -> int:
     scorer = RougeAccumulator(seed=args.seed) if args.reference_field else None
     missing_references = 0
     started = time.perf_counter()
-    progress = tqdm(unit="doc", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    total_todo = None if source.size is None else max(source.size - len(done), 0)
+    progress = tqdm(total=total_todo, unit="doc", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
 
     def on_batch(count: int, tokens: int) -> None:
         elapsed = max(time.perf_counter() - started, 1e-9)
@@ -169,6 +176,8 @@ def _run(args, source, fmt, journal, load, summaries, settings, options) -> int:
     if args.output:
         outputs.finalize_output(args.output, fmt, total)
     report = _report(stats, time.perf_counter() - started, len(done), source.counts)
+    mesh = params_mesh(model.params) if hasattr(model, "params") else None
+    report["mesh"] = None if mesh is None else dict(mesh.shape)
     if scorer is not None:
         report["rouge"] = scorer.result()
         report["missing_references"] = missing_references

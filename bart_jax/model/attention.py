@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from bart_jax.model import kernels as kernel_policy
 from bart_jax.model.cache import cache_layout
-from bart_jax.model.kernels.attention import attend, attend_transposed
+from bart_jax.model.kernels.attention import attend, attend_output, attend_transposed
 from bart_jax.model.kernels.cache_attention import CACHE_ATTENTION
 from bart_jax.model.linear import Linear
 from bart_jax.model.partitioning import KEYS, PER_HEAD, TIME_MAJOR, constrain
@@ -104,7 +104,8 @@ class BartAttention(nn.Module):
         ancestors: Optional[Array] = None,
         layer_head_mask: Optional[Array] = None,
         deterministic: bool = True,
-    ) -> tuple[Array, Array, Optional[dict[str, Array]]]:
+        need_weights: bool = True,
+    ) -> tuple[Array, Optional[Array], Optional[dict[str, Array]]]:
         """Attention of `hidden_states` [rows, query_length, d_model] over one of:
 
         - itself (self-attention); with a `cache` (see bart_jax/model/cache.py) the new keys/values
@@ -115,7 +116,9 @@ class BartAttention(nn.Module):
         `rows` may be a multiple of the keys' batch: the beams (or samples) of an input, inner
         in `rows`, share that input's cross-attention keys/values.
         `mask`: boolean, broadcastable to [rows, heads, query, key]. `layer_head_mask`: [heads].
-        Returns (output [rows, query_length, d_model], weights [rows, heads, query, key], new cache).
+        Returns (output [rows, query_length, d_model], weights [rows, heads, query, key] or None
+        without `need_weights`, new cache). Without weights and attention dropout, the portable
+        kernels attend with `jax.nn.dot_product_attention` (fused on GPU).
         """
         rows, query_length = hidden_states.shape[:2]
         query = self._heads(self.q_proj(hidden_states)) * jnp.asarray(self.head_dim**-0.5, self.dtype)
@@ -144,7 +147,12 @@ class BartAttention(nn.Module):
             batch = key_value["key"].shape[0]
             # Fold beams into the query axis, so that shared keys/values are not repeated per beam.
             queries = query.reshape(batch, -1, self.num_heads, self.head_dim)
-            if layout == "cpu":
+            fused = not need_weights and rate == 0.0 and layout != "cpu"
+            if fused:
+                output = attend_output(queries, key_value["key"], key_value["value"], mask, self.dtype,
+                                       "portable" if layout == "portable" else self.kernels)
+                weights = None
+            elif layout == "cpu":
                 output, weights = attend_transposed(queries.astype(self.dtype).transpose(0, 2, 1, 3),
                                                     key_value["key"], key_value["value"], mask, self.dtype, rate,
                                                     dropout_rng)
@@ -152,10 +160,15 @@ class BartAttention(nn.Module):
             else:
                 output, weights = attend(queries, key_value["key"], key_value["value"], mask, self.dtype, rate,
                                          dropout_rng, "portable" if layout == "portable" else self.kernels)
-            weights = weights.reshape(batch, self.num_heads, rows // batch, query_length, -1)
-            weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, self.num_heads, query_length, -1)
+            if weights is not None:
+                weights = weights.reshape(batch, self.num_heads, rows // batch, query_length, -1)
+                weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, self.num_heads, query_length, -1)
+        if not need_weights:
+            weights = None
         if layer_head_mask is not None:
+            # Linear in the weights: scaling a head's output equals scaling its weights.
             output = output * layer_head_mask[:, None].astype(output.dtype)
-            weights = weights * layer_head_mask[:, None, None].astype(weights.dtype)
+            if weights is not None:
+                weights = weights * layer_head_mask[:, None, None].astype(weights.dtype)
         output = output.astype(self.dtype).reshape(rows, query_length, self.embed_dim)
         return self.out_proj(output), weights, new_cache

@@ -77,11 +77,14 @@ class BartEncoderLayer(FeedForwardMixin, nn.Module):
         mask: Optional[Array],
         layer_head_mask: Optional[Array] = None,
         deterministic: bool = True,
-    ) -> tuple[Array, Array]:
-        """hidden_states [batch, length, d_model] -> (same shape, attention weights [batch, heads, length, length])."""
+        output_attentions: bool = False,
+    ) -> tuple[Array, Optional[Array]]:
+        """hidden_states [batch, length, d_model] -> (same shape, attention weights [batch, heads,
+        length, length] with `output_attentions`, else None)."""
         residual = hidden_states
         hidden_states, weights, _ = self.self_attn(
-            hidden_states, mask=mask, layer_head_mask=layer_head_mask, deterministic=deterministic
+            hidden_states, mask=mask, layer_head_mask=layer_head_mask, deterministic=deterministic,
+            need_weights=output_attentions,
         )
         hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
@@ -130,6 +133,7 @@ class BartDecoderLayer(FeedForwardMixin, nn.Module):
         layer_head_mask: Optional[Array] = None,
         cross_attn_layer_head_mask: Optional[Array] = None,
         deterministic: bool = True,
+        output_attentions: bool = False,
     ):
         """hidden_states [rows, length, d_model]; cross-attention uses `cross_key_value` when given,
         else `encoder_hidden_states`, and is skipped when both are None (decoder-only use).
@@ -139,7 +143,7 @@ class BartDecoderLayer(FeedForwardMixin, nn.Module):
         residual = hidden_states
         hidden_states, self_weights, new_cache = self.self_attn(
             hidden_states, mask=self_attention_mask, cache=cache, cache_index=cache_index, ancestors=ancestors,
-            layer_head_mask=layer_head_mask, deterministic=deterministic,
+            layer_head_mask=layer_head_mask, deterministic=deterministic, need_weights=output_attentions,
         )
         hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
@@ -150,6 +154,7 @@ class BartDecoderLayer(FeedForwardMixin, nn.Module):
             hidden_states, cross_weights, _ = self.encoder_attn(
                 hidden_states, mask=cross_attention_mask, key_value_states=encoder_hidden_states,
                 key_value=cross_key_value, layer_head_mask=cross_attn_layer_head_mask, deterministic=deterministic,
+                need_weights=output_attentions,
             )
             hidden_states = self.residual_dropout(hidden_states, deterministic=deterministic)
             hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
@@ -169,17 +174,17 @@ class BartDecoderLayer(FeedForwardMixin, nn.Module):
 def remat_layer(layer_class: type[nn.Module], policy: str, scanned: bool):
     """`layer_class` whose `__call__` is rematerialised by `policy` (one of `REMAT_POLICIES`).
 
-    Its `deterministic` flag stays a Python bool (a static argument), so callers must pass it
-    positionally. Inside a scan the recomputation cannot be merged away, so common
+    Its `deterministic` and `output_attentions` flags stay Python bools (static arguments), so
+    callers must pass them positionally. Inside a scan the recomputation cannot be merged away, so common
     subexpression elimination may stay on there.
     """
     if policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat_policy {policy!r}; choose one of {REMAT_POLICIES}")
     if policy == "none":
         return layer_class
-    deterministic = list(inspect.signature(layer_class.__call__).parameters).index("deterministic")  # self is 0
-    return nn.remat(layer_class, policy=REMAT_SAVEABLE[policy], static_argnums=(deterministic,),
-                    prevent_cse=not scanned)
+    parameters = list(inspect.signature(layer_class.__call__).parameters)  # self is 0
+    static = tuple(parameters.index(name) for name in ("deterministic", "output_attentions"))
+    return nn.remat(layer_class, policy=REMAT_SAVEABLE[policy], static_argnums=static, prevent_cse=not scanned)
 
 
 def run_layer_stack(

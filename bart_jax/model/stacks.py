@@ -176,10 +176,10 @@ class BartEncoder(LayerStackMixin, BartModule):
         mask = padding_mask(attention_mask)
 
         def step(layer, hidden_states, layer_head_mask):
-            computed = layer(hidden_states, mask, layer_head_mask, deterministic)
+            computed = layer(hidden_states, mask, layer_head_mask, deterministic, output_attentions)
             hidden_states, weights = _layerdrop(
                 layer if self.scan_layers else self, config.encoder_layerdrop, deterministic,
-                (hidden_states, jnp.zeros_like(computed[1])), computed,
+                (hidden_states, None if computed[1] is None else jnp.zeros_like(computed[1])), computed,
             )
             return hidden_states, (hidden_states if output_hidden_states else None,
                                    weights if output_attentions else None)
@@ -261,7 +261,8 @@ class BartDecoder(LayerStackMixin, BartModule):
             cross_key_value, layer_cache, layer_head_mask, cross_layer_head_mask = layer_inputs
             # Positional arguments: a rematerialised layer keeps only positional ones static.
             computed = layer(hidden_states, self_mask, encoder_hidden_states, cross_mask, cross_key_value, layer_cache,
-                             past_length, ancestors, layer_head_mask, cross_layer_head_mask, deterministic)
+                             past_length, ancestors, layer_head_mask, cross_layer_head_mask, deterministic,
+                             output_attentions)
             skipped = (hidden_states,) + tuple(
                 None if value is None else jnp.zeros_like(value) for value in computed[1:3]
             ) + (layer_cache,)

@@ -94,7 +94,8 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
         except Exception as error:  # noqa: BLE001 - orbax, tensorstore and json report damage in many types
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            # The first line, without the tensorstore spec some errors append (hundreds of lines).
+            reason = (str(error).split(" See full TensorStore details")[0].strip().splitlines() or [""])[0]
             raise CheckpointError(f"the checkpoint of step {step} in {path} cannot be restored "
                                   f"({type(error).__name__}: {reason[:300]})") from error
         progress = restored.progress if isinstance(restored.progress, dict) else {}

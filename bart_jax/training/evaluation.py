@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
 
-from bart_jax.generation import generate
+from bart_jax import parallel
+from bart_jax.generation import generate, resolve_generation_config
 from bart_jax.training import metrics, qa
 from bart_jax.training.batching import collate, evaluation_batches
 from bart_jax.training.features import TaskData
@@ -20,13 +22,18 @@ EVALUATION_EPOCH = 0
 def evaluate(task: str, eval_step: Callable, params: Any, data: TaskData, model: TrainingModel, batch_size: int,
              predict_with_generate: bool = False, generation_options: Optional[dict] = None,
              max_answer_length: int = 30, allow_no_answer: bool = False,
-             null_score_threshold: float = 0.0) -> dict[str, float]:
-    """Metrics named "eval_<name>" over all of `data` (the last batch padded with masked rows)."""
+             null_score_threshold: float = 0.0, mesh: Optional[Any] = None) -> dict[str, float]:
+    """Metrics named "eval_<name>" over all of `data` (the last batch padded with masked rows).
+    With a mesh, generation runs sharded like the train step (`bart_jax.parallel.jit_generate`)."""
     loss_sum, weight = 0.0, 0.0
     outputs: dict[str, list] = {}
     predictions: list[str] = []
     generated_lengths: list[int] = []
     pad_token_id = model.config.pad_token_id
+    sharded_generate = None
+    if predict_with_generate and task == "seq2seq" and mesh is not None:
+        config = resolve_generation_config(model.module, model.generation_config, **(generation_options or {}))
+        sharded_generate = parallel.jit_generate(model.module, mesh, jax.tree.map(lambda x: x.sharding, params), config)
     for indices in evaluation_batches(len(data), batch_size):
         batch = collate(data, indices, EVALUATION_EPOCH, pad_token_id)
         result = eval_step(params, batch)
@@ -37,8 +44,13 @@ def evaluate(task: str, eval_step: Callable, params: Any, data: TaskData, model:
             if name in result:
                 outputs.setdefault(name, []).append(np.asarray(result[name])[real])
         if predict_with_generate and task == "seq2seq":
-            generated = generate(model.module, params, batch["input_ids"], batch["attention_mask"],
-                                 model.generation_config, **(generation_options or {}))
+            if sharded_generate is not None:
+                output = sharded_generate(params, np.asarray(batch["input_ids"], np.int32),
+                                          np.asarray(batch["attention_mask"], np.int32))
+                generated = np.asarray(output.sequences)[:, :int(np.max(np.asarray(output.lengths)))]
+            else:
+                generated = generate(model.module, params, batch["input_ids"], batch["attention_mask"],
+                                     model.generation_config, **(generation_options or {}))
             generated = np.asarray(generated)[real]
             texts = model.tokenizer.batch_decode(generated, skip_special_tokens=True)
             predictions.extend(text.strip() for text in texts)

@@ -239,7 +239,12 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
                                       arguments.lr_scheduler_type)
     optimizer = make_optimizer(model.params, schedule, arguments.weight_decay, arguments.adam_beta1,
                                arguments.adam_beta2, arguments.adam_epsilon, arguments.max_grad_norm)
-    mesh = preset_mesh(arguments.mesh) if arguments.mesh else None
+    # Several devices and no --mesh: data parallelism over all of them (the global batch is
+    # per-device batch x device count, and must not all run on the first device).
+    mesh_name = arguments.mesh or ("data" if jax.device_count() > 1 else None)
+    mesh = preset_mesh(mesh_name) if mesh_name else None
+    if mesh is not None and not arguments.mesh:
+        logger.info("%d devices: training data-parallel over all of them (--mesh data)", jax.device_count())
     # The kernels of the platform the step runs on, settled once: "auto" would trace both.
     model = dataclasses.replace(model, module=settled(model.module, mesh=mesh))
     objective = make_objective(model.module, arguments.task, arguments.label_smoothing_factor)
@@ -273,7 +278,7 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
             arguments.per_device_eval_batch_size * jax.device_count(),
             predict_with_generate=arguments.predict_with_generate, generation_options=_generation_options(arguments),
             max_answer_length=arguments.max_answer_length, allow_no_answer=arguments.version_2_with_negative,
-            null_score_threshold=arguments.null_score_diff_threshold,
+            null_score_threshold=arguments.null_score_diff_threshold, mesh=mesh,
         )
 
     logger.info("training %s for %d steps of %d examples (%d per epoch) from step %d", model.head,

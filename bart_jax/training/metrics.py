@@ -16,14 +16,13 @@ import numpy as np
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
-# Abbreviations that end no sentence, for the sentence splitter: titles, months, and common
-# English abbreviations with periods (lower case, without the final period).
-ABBREVIATIONS = frozenset({
-    "mr", "mrs", "ms", "dr", "prof", "rev", "gen", "col", "lt", "sgt", "capt", "gov", "sen", "rep", "pres",
-    "st", "jr", "sr", "co", "corp", "inc", "ltd", "vs", "etc", "vol", "fig", "approx", "dept",
-    "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
-    "e.g", "i.e", "a.m", "p.m", "u.s", "u.k", "u.n", "e.u", "d.c",
-})
+# Abbreviations (without their final period) that end no sentence, for the sentence splitter; the
+# list bart_jax.apps.scores splits with, so that both score ROUGE-Lsum alike.
+ABBREVIATIONS = (
+    "mr mrs ms dr prof sr jr st mt gen col lt sgt capt cmdr adm gov sen rep rev hon pres supt insp det "
+    "inc ltd co corp bros plc llc dept univ assn ave blvd rd no nos vol vols fig figs approx est vs etc "
+    "e.g i.e u.s u.k u.n u.s.a a.m p.m jan feb mar apr jun jul aug sep sept oct nov dec"
+).split()
 
 
 # --- generation -------------------------------------------------------------------------------
@@ -40,7 +39,7 @@ def split_sentences(text: str) -> list[str]:
     """The sentences of `text`: its lines, each split with nltk's Punkt algorithm given
     ABBREVIATIONS and nothing learned (no data files to download)."""
     tokenizer = _sentence_tokenizer()
-    return [sentence for line in text.strip().splitlines() for sentence in tokenizer.tokenize(line.strip())]
+    return [sentence for line in text.splitlines() for sentence in tokenizer.tokenize(line.strip()) if sentence]
 
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -10,6 +10,8 @@ MODEL_DIR: a summarization model with a tokenizer. Prints "ok" when every check 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pathlib
 import sys
@@ -49,12 +51,18 @@ def main(model_dir: str, work_dir: str) -> None:
     outputs = {}
     for mesh_name in ("auto", "none"):
         output = work / f"out-{mesh_name}.jsonl"
-        code = cli.main(["summarize", str(work / "in.jsonl"), "-o", str(output), "--model", model_dir, "--mesh",
-                         mesh_name, "--no-progress", "--no-compilation-cache", "--num-beams", "2",
-                         "--max-length", "12", "--batch-size", "4", "--max-source-length", "40"])
-        assert code == 0, mesh_name
-        outputs[mesh_name] = output.read_text()
-    assert outputs["auto"] == outputs["none"]
+        error = io.StringIO()
+        with contextlib.redirect_stderr(error):
+            code = cli.main(["summarize", str(work / "in.jsonl"), "-o", str(output), "--model", model_dir, "--mesh",
+                             mesh_name, "--no-progress", "--no-compilation-cache", "--num-beams", "2",
+                             "--max-length", "12", "--batch-size", "4", "--max-source-length", "40"])
+        assert code == 0, (mesh_name, error.getvalue())
+        report = json.loads(error.getvalue().split("summary: ")[1].splitlines()[0])
+        assert report["mesh"] == ({"data": 8, "fsdp": 1, "tensor": 1} if mesh_name == "auto" else None), report
+        outputs[mesh_name] = [json.loads(line) for line in output.read_text().splitlines()]
+    scores = {name: [record.pop("score") for record in records] for name, records in outputs.items()}
+    assert outputs["auto"] == outputs["none"] and len(outputs["none"]) == len(texts)
+    np.testing.assert_allclose(scores["auto"], scores["none"], rtol=1e-5, atol=1e-6)
     print("ok")
 
 

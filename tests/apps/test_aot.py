@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bart_jax.apps import aot, chips
+from bart_jax.apps import aot, aot_search, chips
 from bart_jax.apps.cli import main as cli_main
 from bart_jax.config import BartConfig
 from bart_jax.generation.config import GenerationConfig
@@ -106,16 +106,15 @@ def test_find_max_batch_doubles_then_bisects(monkeypatch):
     compiler.shards, compiler.chip = 4, chips.CHIPS["v5e"]
     sizes = []
 
-    def compile_tpu(workload, shapes, step_cost=True):
-        per_chip = shapes.batch // 4
+    def compile_isolated(compiler, workload, per_chip, parser):
         sizes.append(per_chip)
         total = int((1 + 0.7 * per_chip) * chips.GIB)
         fits = total <= 15.75 * chips.GIB
         return {"workload": workload, "per_chip_batch": per_chip, "fits": fits, "compiled": fits,
-                **({"memory": {"total": total}} if fits else {})}
+                "error": None if fits else "RESOURCE_EXHAUSTED", **({"memory": {"total": total}} if fits else {})}
 
-    monkeypatch.setattr(compiler, "compile_tpu", compile_tpu)
-    record = compiler.find_max_batch("train")
+    monkeypatch.setattr(aot_search, "compile_isolated", compile_isolated)
+    record = aot_search.find_max_batch(compiler, "train", aot.build_parser())
     assert record["max_per_chip_batch"] == 21 and record["per_chip_batch"] == 21
     # Doubling from 8 / 4 shards, then the line through 8 and 16 rows lands on 21 at once.
     assert sizes == [2, 4, 8, 16, 32, 21, 22]
@@ -123,8 +122,19 @@ def test_find_max_batch_doubles_then_bisects(monkeypatch):
 
     sizes.clear()
     compiler.args.batch_granularity = 4
-    assert compiler.find_max_batch("train")["max_per_chip_batch"] == 20
+    assert aot_search.find_max_batch(compiler, "train", aot.build_parser())["max_per_chip_batch"] == 20
     assert all(size % 4 == 0 for size in sizes)
+
+
+def test_search_attempts_parse_back_to_the_same_options():
+    parser = aot.build_parser()
+    argv = ["--topology", "v6e-8", "--preset", "bart-base", "--workload", "generate", "train", "--mesh", "fsdp",
+            "--batch-size", "64", "--scan-layers", "--num-beams", "4", "--do-sample", "--find-max-batch", "--json"]
+    args = parser.parse_args(argv)
+    child = parser.parse_args(aot_search.child_argv(args, parser, workload=["train"], batch_size=128,
+                                                    no_step_cost=True))
+    expected = {**vars(args), "workload": ["train"], "batch_size": 128, "no_step_cost": True, "find_max_batch": False}
+    assert vars(child) == expected
 
 
 @pytest.mark.parametrize("text, name, chips_count, bounds", [

@@ -66,6 +66,7 @@ def test_tables_csv_tsv_parquet_arrow_and_saved_datasets(tmp_path):
         assert read(source) == expected(), name
         assert read(source) == expected(), f"{name} read a second time"
     assert read(inputs.open_documents(str(tmp_path / "dict"), split="test", reference_field="highlights")) == expected()
+    assert inputs.open_documents(str(tmp_path / "in.parquet")).size == 5
     with pytest.raises(ValueError, match="choose one with --split"):
         inputs.open_documents(str(tmp_path / "dict"))
     with pytest.raises(ValueError, match=r"has no field 'body' \(fields: id, article, highlights\)"):
@@ -107,6 +108,9 @@ def test_standard_input_text_or_json_lines(monkeypatch):
 class FakeDataset:
     column_names = ["id", "article", "highlights"]
 
+    def __len__(self):
+        return len(ROWS)
+
     def iter(self, batch_size):
         for start in range(0, len(ROWS), batch_size):
             rows = ROWS[start: start + batch_size]
@@ -125,7 +129,7 @@ def test_hub_datasets_by_name_and_the_offline_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     source = inputs.open_documents(None, dataset_name="cnn_dailymail", dataset_config="3.0.0",
                                    reference_field="highlights")
-    assert read(source) == expected() and calls == [("cnn_dailymail", "3.0.0", "test")]
+    assert read(source) == expected() and calls == [("cnn_dailymail", "3.0.0", "test")] and source.size == 5
     with pytest.raises(ValueError, match="cannot load dataset 'offline'.*Couldn't reach.*save_to_disk"):
         inputs.open_documents(None, dataset_name="offline", split="validation")
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
@@ -190,6 +194,8 @@ def test_resume_a_parquet_output_from_its_journal(fake_model, tmp_path, capsys):
     assert summarize(tmp_path / "in.parquet", "-o", tmp_path / "out.parquet", "--resume") == 0
     assert pa.parquet.read_table(tmp_path / "out.parquet").to_pylist() == complete
     assert report_of(capsys.readouterr().err)["skipped_by_resume"] == 2
+    assert summarize(tmp_path / "in.parquet", "-o", tmp_path / "out.parquet", "--resume") == 2
+    assert "is complete (there is no" in capsys.readouterr().err
 
 
 def test_references_are_scored_and_reported(fake_model, tmp_path, capsys):

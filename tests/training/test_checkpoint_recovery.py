@@ -53,12 +53,19 @@ def empty_state(step_dir: pathlib.Path) -> None:
         path.unlink()
 
 
+def state_of_another_step(step_dir: pathlib.Path) -> None:
+    """Well-formed arrays that are not the ones saved (a bad copy or sync): only the checksums tell."""
+    shutil.rmtree(step_dir / "state")
+    shutil.copytree(step_dir.parent / "1" / "state", step_dir / "state")
+
+
 DAMAGE = {
     "truncated-metadata": lambda step_dir: truncate(step_dir / "state" / "_METADATA"),
     "emptied-state": empty_state,
     "truncated-data-file": lambda step_dir: truncate(largest_data_file(step_dir)),
     "garbage-data-file": lambda step_dir: write_garbage(largest_data_file(step_dir)),
-    "truncated-progress-record": lambda step_dir: truncate(files_under(step_dir / "progress")[0]),
+    "truncated-progress-record": lambda step_dir: truncate(step_dir / "progress" / "metadata"),
+    "state-of-another-step": state_of_another_step,
 }
 
 
@@ -104,6 +111,8 @@ def test_a_damaged_checkpoint_is_named_and_resuming_falls_back(two_checkpoints, 
     with pytest.raises(checkpointing.CheckpointError) as refused:
         checkpointer.restore(2, state_of(0))
     assert f"the checkpoint of step 2 in {damaged}" in str(refused.value)
+    if damage == "state-of-another-step":
+        assert "3 array(s) differ from what was saved" in str(refused.value), refused.value
 
     step, state, progress = checkpointer.restore_latest(state_of(0))
     assert step == 1 and progress == progress_of(1)
@@ -117,6 +126,16 @@ def test_a_damaged_checkpoint_is_named_and_resuming_falls_back(two_checkpoints, 
     checkpointer.wait()
     assert checkpointer.latest_step() == 2
     assert checkpointer.restore_latest(state_of(0))[0] == 2
+    checkpointer.close()
+
+
+def test_damaged_bookkeeping_of_orbax_alone_still_restores(two_checkpoints, warnings_logged):
+    """orbax reads a truncated `_CHECKPOINT_METADATA` as absent; the arrays still verify."""
+    truncate(two_checkpoints / checkpointing.CHECKPOINT_DIR / "2" / "_CHECKPOINT_METADATA")
+    checkpointer = checkpointing.Checkpointer(str(two_checkpoints), async_save=False)
+    step, state, _ = checkpointer.restore_latest(state_of(0))
+    assert step == 2 and not warnings_logged
+    assert_same_tree(state, state_of(2))
     checkpointer.close()
 
 

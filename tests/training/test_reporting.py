@@ -127,3 +127,14 @@ def test_report_to_and_profile_steps_options(tmp_path):
     for bad in ("15:10", "0:3", "10", "a:b"):
         with pytest.raises(ValueError, match="profile_steps must be START:STOP"):
             TrainingArguments(output_dir="o", profile_steps=bad)
+
+
+def test_train_without_wandb_installed_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    from bart_jax.training import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    code = main(["--output_dir", str(tmp_path / "run"), "--train_file", str(tmp_path / "absent.jsonl"),
+                 "--config_name", "absent", "--report_to", "wandb", "--disable_tqdm"])
+    assert code == 1
+    assert "error: --report_to wandb needs the wandb package (pip install wandb)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

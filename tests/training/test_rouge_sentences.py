@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
+from bart_jax.apps import scores
 from bart_jax.training import metrics
 
 PREDICTION = "The cat sat on the mat. It was happy there. Mr. Smith fed it fish."
@@ -19,6 +20,9 @@ def test_sentences_split_without_downloaded_data():
         "Rain fell (mostly).", "The U.S. team won!", "Did J. R. Smith play?"]
     assert metrics.split_sentences('He said "Stop." Then he left.') == ['He said "Stop."', "Then he left."]
     assert metrics.split_sentences("") == []
+    for text in (PREDICTION, REFERENCE, "No. 10 said so. Gen. Lee (ret.) agreed.\n\nDone"):
+        assert "\n".join(metrics.split_sentences(text)) == scores.split_sentences(text), \
+            "training's evaluation and bart-jax's scoring must split alike"
 
 
 def test_rouge_lsum_scores_sentence_per_line_text():

@@ -62,7 +62,7 @@ def write_jsonl(path, records):
 
 
 def test_train_refuses_labels_beyond_num_labels_in_one_line(tiny_model_dir, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "train.jsonl", [{"sentence": f"Example {i}.", "label": i % 5} for i in range(10)])
+    data = write_jsonl(tmp_path / "train.jsonl", [{"sentence1": f"Example {i}.", "label": i % 5} for i in range(10)])
     code = main(["--task", "classify", "--num_labels", "3", "--model_name_or_path", tiny_model_dir, "--train_file",
                  data, "--max_seq_length", "16", "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
                  "--disable_tqdm"])

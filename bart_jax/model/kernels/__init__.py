@@ -59,6 +59,14 @@ def dispatch(kernels: str, cpu: Callable, portable: Callable, *args: Any) -> Any
     return lax.platform_dependent(*args, cpu=cpu, default=portable)
 
 
+def float32_precision() -> Optional[lax.Precision]:
+    """The precision of float32 products where fp32 parity is promised: `lax.Precision.HIGHEST`
+    (true float32: TPUs would otherwise multiply in one bfloat16 pass, recent GPUs in TF32),
+    unless the user chose one with `jax.default_matmul_precision` (or `JAX_DEFAULT_MATMUL_PRECISION`,
+    e.g. "tensorfloat32" or "bfloat16": the fast setting), which then applies."""
+    return None if jax.config.jax_default_matmul_precision is not None else lax.Precision.HIGHEST
+
+
 def trace_platform() -> str:
     """The platform a computation traced now will most likely be compiled for: that of the
     mesh set with `jax.set_mesh` (e.g. TPU devices of an ahead-of-time topology), else JAX's

@@ -9,7 +9,9 @@ fully masked row stays finite, as in transformers' eager attention. Both return 
 query, heads, head_dim] float32, weights [batch, heads, query, key] float32 before dropout, as
 transformers returns them).
 
-Portable: two einsums and a softmax, every layout as the projections give it.
+Portable: two einsums and a softmax, every layout as the projections give it; where no weights
+are returned and no attention dropout applies, `jax.nn.dot_product_attention` (cuDNN's fused
+attention on GPU).
 
 CPU (docs/cpu-kernels.md): heads lead ([batch, heads, ...]) and keys are transposed
 ([batch, heads, head_dim, key]) so that each matmul reads its operands as stored; the softmax's
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bart_jax.model.kernels import dispatch
+from bart_jax.model.kernels import dispatch, float32_precision
 from bart_jax.model.kernels.linear import full_precision
 from bart_jax.model.partitioning import sharding_active
 
@@ -61,7 +63,7 @@ def unnormalized_softmax(scores: Array) -> tuple[Array, Array, Array]:
 
 
 def _precision(dtype: Dtype) -> Optional[lax.Precision]:
-    return lax.Precision.HIGHEST if full_precision(dtype) else None
+    return float32_precision() if full_precision(dtype) else None
 
 
 # --- portable -------------------------------------------------------------------------------
@@ -79,6 +81,19 @@ def attend_portable(query: Array, key: Array, value: Array, mask: Optional[Array
     output = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dtype), value.astype(dtype), precision=precision,
                         preferred_element_type=jnp.float32)
     return output, weights
+
+
+def attend_fused(query: Array, key: Array, value: Array, mask: Optional[Array], dtype: Dtype) -> Array:
+    """`attend_portable`'s output alone, by `jax.nn.dot_product_attention`: on GPU cuDNN's fused
+    (flash) attention where it applies, XLA's formulation elsewhere. No weights are formed outside
+    the kernel, so it serves calls that return no attention weights and use no attention dropout.
+    Returns output [b, q, h, d] float32."""
+    # float32 products at full precision, as everywhere the portable path promises fp32 parity.
+    highest = full_precision(dtype) and float32_precision() is not None
+    with jax.default_matmul_precision("highest" if highest else jax.config.jax_default_matmul_precision):
+        output = jax.nn.dot_product_attention(query.astype(dtype), key.astype(dtype), value.astype(dtype), mask=mask,
+                                              scale=1.0)
+    return output.astype(jnp.float32)
 
 
 # --- CPU ------------------------------------------------------------------------------------
@@ -177,3 +192,15 @@ def attend(query: Array, key: Array, value: Array, mask: Optional[Array], dtype:
         return lambda q, k, v: implementation(q, k, v, mask, dtype, dropout_rate, dropout_rng)
 
     return dispatch(kernels, run(attend_cpu), run(attend_portable), query, key, value)
+
+
+def attend_output(query: Array, key: Array, value: Array, mask: Optional[Array], dtype: Dtype,
+                  kernels: str = "auto") -> Array:
+    """`attend`'s output alone, for calls that need no weights and no dropout: the portable
+    policy runs the fused `attend_fused`. Returns output [b, q, h, d] float32."""
+
+    def run(implementation):
+        return lambda q, k, v: implementation(q, k, v, mask, dtype)
+
+    return dispatch(kernels, lambda q, k, v: attend_cpu(q, k, v, mask, dtype)[0], run(attend_fused),
+                    query, key, value)

@@ -2,8 +2,8 @@
 the weight in PyTorch's [out, in] layout, accumulated in float32 whatever the operands' dtype.
 
 Portable: one `dot_general` contracting the last axes, float32 operands at full precision
-(`lax.Precision.HIGHEST`: TPUs and recent GPUs would otherwise multiply float32 in one bfloat16
-pass or TF32, and the fp32 parity with transformers would not hold there).
+(`bart_jax.model.kernels.float32_precision`: TPUs and recent GPUs would otherwise multiply
+float32 in one bfloat16 pass or TF32, and the fp32 parity with transformers would not hold there).
 
 CPU (docs/cpu-kernels.md): every product made 2-D, since with more input dimensions XLA's CPU
 backend multiplies a transposed copy of the weight (1.6x slower in bf16, 32 rows); float32
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bart_jax.model.kernels import dispatch
+from bart_jax.model.kernels import dispatch, float32_precision
 
 Dtype = Any
 
@@ -39,7 +39,7 @@ def full_precision(dtype: Dtype) -> bool:
 
 
 def _precision(dtype: Dtype) -> Optional[lax.Precision]:
-    return lax.Precision.HIGHEST if full_precision(dtype) else None
+    return float32_precision() if full_precision(dtype) else None
 
 
 def _rows_by_weight(rows: jax.Array, weight: jax.Array) -> jax.Array:

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bart_jax.model.kernels.attention import (attend, attend_cpu, attend_per_example, attend_portable,
+from bart_jax.model.attention import BartAttention
+from bart_jax.model.kernels import attention as kernels_attention
+from bart_jax.model.kernels.attention import (attend, attend_cpu, attend_fused, attend_per_example, attend_portable,
                                               attend_transposed, attends_per_example, weigh_values)
 
 
@@ -87,3 +89,39 @@ def test_auto_attention_lowers_to_each_platforms_kernel():
     # The CPU kernel attends 300 queries example by example, in a loop; the portable one does not.
     assert "stablehlo.while" in cpu_text, "lowering for the CPU did not keep the CPU kernel"
     assert "stablehlo.while" not in tpu_text, "lowering for a TPU kept the CPU kernel"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 9), (2, 1, 5, 9)])
+def test_fused_attention_equals_the_portable_one(dtype, mask_shape):
+    """jax.nn.dot_product_attention (cuDNN's fused attention on GPU) gives the portable output."""
+    rng = np.random.default_rng(7)
+    query = jnp.asarray(rng.standard_normal((2, 5, 3, 8)) * 0.35, dtype)
+    key, value = (jnp.asarray(rng.standard_normal((2, 9, 3, 8)), dtype) for _ in range(2))
+    mask = None if mask_shape is None else jnp.asarray(rng.random(mask_shape) > 0.3).at[..., 0].set(True)
+    fused = attend_fused(query, key, value, mask, jnp.dtype(dtype))
+    portable, _ = attend_portable(query, key, value, mask, jnp.dtype(dtype))
+    tolerance = 1e-6 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(portable), atol=tolerance, rtol=tolerance,
+                               err_msg=f"fused attention differs from the portable one ({dtype}, mask {mask_shape})")
+
+
+@pytest.mark.parametrize("case", ["plain", "weights", "dropout", "head_mask"])
+def test_portable_attention_takes_the_fused_kernel_unless_probabilities_are_needed(monkeypatch, case):
+    """Returned weights (output_attentions) and attention dropout need the probabilities: those
+    calls fall back to the einsum attention; a head mask scales outputs and stays fused."""
+    calls = []
+    original = kernels_attention.attend_fused
+    monkeypatch.setattr(kernels_attention, "attend_fused", lambda *args: calls.append(1) or original(*args))
+    module = BartAttention(embed_dim=16, num_heads=4, dropout=0.5 if case == "dropout" else 0.0, kernels="portable")
+    hidden = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 16)), jnp.float32)
+    params = module.init(jax.random.PRNGKey(0), hidden)
+    head_mask = jnp.asarray([1.0, 0.0, 1.0, 0.5]) if case == "head_mask" else None
+    output, weights, _ = module.apply(params, hidden, layer_head_mask=head_mask, deterministic=case != "dropout",
+                                      need_weights=case == "weights", rngs={"dropout": jax.random.PRNGKey(1)})
+    assert bool(calls) == (case in ("plain", "head_mask")), f"{case}: fused kernel used: {bool(calls)}"
+    assert (weights is not None) == (case == "weights"), f"{case}: weights returned: {weights is not None}"
+    if case in ("plain", "head_mask"):
+        expected, _, _ = module.apply(params, hidden, layer_head_mask=head_mask, need_weights=True)
+        np.testing.assert_allclose(np.asarray(output), np.asarray(expected), atol=1e-6,
+                                   err_msg=f"{case}: the fused path differs from the einsum path")

@@ -10,7 +10,8 @@ import pytest
 
 from bart_jax.config import BartConfig
 from bart_jax.model.cache import cache_layout, cache_shapes, init_cache
-from bart_jax.model.kernels.cache import chunk_bounds, write_cpu, write_portable
+from bart_jax.model.kernels.cache import chunk_bounds, layer_shapes, write_cpu, write_portable
+from bart_jax.model.kernels.cache_attention import CACHE_ATTENTION
 
 
 @pytest.mark.parametrize("max_length", [1, 15, 16, 40, 142, 1024])
@@ -82,3 +83,38 @@ def test_portable_writes_land_at_position_times_beams(positions_per_call):
         np.testing.assert_array_equal(np.asarray(layer["key"]), expected, err_msg=f"keys after position {position}")
         np.testing.assert_array_equal(np.asarray(layer["value"]), -expected,
                                       err_msg=f"values after position {position}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("queries_per_call", [1, 3])
+def test_cpu_cache_attention_equals_its_portable_twin(dtype, queries_per_call):
+    """Both layouts, written with the same steps and read through the same (reordered) ancestry,
+    give the same attention outputs and per-position weights at every step."""
+    batch, beams, heads, head_dim, max_length = 2, 3, 2, 4, 40
+    rows = batch * beams
+    dtype = jnp.dtype(dtype)
+    caches = {layout: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                             layer_shapes(batch, heads, head_dim, max_length, beams, dtype, layout))
+              for layout in ("cpu", "portable")}
+    rng = np.random.default_rng(queries_per_call)
+    ancestors = np.broadcast_to(np.arange(beams)[None, :, None], (batch, beams, max_length)).copy()
+    mask = np.ones((rows, 1, queries_per_call, max_length), bool)
+    mask[0, :, :, 2] = False  # a padded decoder position of one row
+    attend = {layout: jax.jit(CACHE_ATTENTION[layout], static_argnums=(7,)) for layout in caches}
+    tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+    for start in range(0, max_length - queries_per_call + 1, queries_per_call):
+        if start:  # beam search moved some hypotheses: row r continues row source[r] of its input
+            source = rng.integers(0, beams, (batch, beams))
+            ancestors = np.take_along_axis(ancestors, source[:, :, None], axis=1)
+        ancestors[:, :, start:start + queries_per_call] = np.arange(beams)[None, :, None]
+        queries = jnp.asarray(rng.standard_normal((batch, beams * queries_per_call, heads, head_dim)) * 0.5, dtype)
+        key, value = (jnp.asarray(rng.standard_normal((rows, queries_per_call, heads, head_dim)), dtype)
+                      for _ in range(2))
+        results = {}
+        for layout in caches:
+            output, weights, caches[layout] = attend[layout](queries, key, value, caches[layout], jnp.int32(start),
+                                                             jnp.asarray(ancestors), jnp.asarray(mask), dtype)
+            results[layout] = (np.asarray(output), np.asarray(weights))
+        for name, ours, twin in zip(("output", "weights"), results["cpu"], results["portable"]):
+            np.testing.assert_allclose(ours, twin, atol=tolerance, rtol=tolerance,
+                                       err_msg=f"{name} at positions {start}..{start + queries_per_call - 1}")

@@ -104,3 +104,18 @@ def test_cpu_vocabulary_product_equals_its_portable_twin(rows):
     np.testing.assert_allclose(np.asarray(vocabulary_cpu(inputs, weight, jnp.float32)),
                                np.asarray(project_portable(inputs, weight, None, jnp.float32)), rtol=1e-5, atol=1e-5,
                                err_msg=f"{rows} rows: the CPU LM head product differs from x @ W.T")
+
+
+def test_portable_float32_products_run_at_highest_precision_unless_the_user_chooses():
+    """fp32 parity needs true float32 products on TPU/GPU; `jax.default_matmul_precision` is the
+    documented fast setting and then applies."""
+    inputs, weight = jnp.ones((2, 8)), jnp.ones((4, 8))
+
+    def jaxpr():
+        return str(jax.make_jaxpr(lambda x, w: project_portable(x, w, None, jnp.float32))(inputs, weight))
+
+    assert "HIGHEST" in jaxpr(), "float32 products without an explicit precision"
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert "HIGHEST" not in jaxpr(), "the user's matmul precision was overridden"
+    bf16 = str(jax.make_jaxpr(lambda x, w: project_portable(x, w, None, jnp.bfloat16))(inputs, weight))
+    assert "HIGHEST" not in bf16, "bfloat16 products forced to HIGHEST"
