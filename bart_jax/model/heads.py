@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bart_jax.config import BartConfig
 from bart_jax.model import losses
+from bart_jax.model.layers import LayerModule
 from bart_jax.model.linear import Linear, VocabularyProjection, vocabulary_product
 from bart_jax.model.outputs import CausalLMOutput, DecoderOutput, EncoderOutput, Seq2SeqOutput
 from bart_jax.model.partitioning import LOGITS, constrain
@@ -189,13 +189,8 @@ class BartForConditionalGeneration(BartModule):
         return outputs.replace(loss=loss, logits=logits, last_hidden_state=None)
 
 
-class BartClassificationHead(nn.Module):
+class BartClassificationHead(LayerModule):
     """dropout -> dense -> tanh -> dropout -> out_proj, on the pooled hidden state."""
-
-    config: BartConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    kernels: str = "auto"
 
     def setup(self):
         config = self.config

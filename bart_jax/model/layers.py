@@ -54,11 +54,17 @@ class FeedForwardMixin:
         return self.fc2(hidden_states)
 
 
-class BartEncoderLayer(FeedForwardMixin, nn.Module):
+class LayerModule(nn.Module):
+    """The attributes of a layer: the config, the computation and parameter dtypes, the kernel
+    policy (bart_jax/model/kernels/)."""
+
     config: BartConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernels: str = "auto"
+
+
+class BartEncoderLayer(FeedForwardMixin, LayerModule):
 
     def setup(self):
         config = self.config
@@ -96,11 +102,7 @@ class BartEncoderLayer(FeedForwardMixin, nn.Module):
         return hidden_states, weights
 
 
-class BartDecoderLayer(FeedForwardMixin, nn.Module):
-    config: BartConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    kernels: str = "auto"
+class BartDecoderLayer(FeedForwardMixin, LayerModule):
 
     def setup(self):
         config = self.config

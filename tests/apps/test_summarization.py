@@ -83,7 +83,7 @@ def test_every_returned_sequence_with_ids_and_scores_equals_transformers(model_d
     write_jsonl(source, [{"document": text} for text in texts])
     assert main(["summarize", str(source), "--model", str(directory), "-o", str(tmp_path / "out.jsonl"),
                  "--no-compilation-cache", "--no-progress", "--num-beams", "3", "--num-return-sequences", "3",
-                 "--max-length", "24", "--output-ids", "--batch-size", "2"]) == 0
+                 "--max-length", "24", "--output-ids", "--batch-size", "4"]) == 0
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     tokenizer = transformers.BartTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"))
     for record, text in zip(records, texts):
