@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bart_jax.model.kernels import dispatch, float32_precision
-from bart_jax.model.kernels.linear import full_precision
+from bart_jax.model.kernels.linear import einsum_product, full_precision
 from bart_jax.model.partitioning import sharding_active
 
 Array = jax.Array
@@ -62,24 +62,17 @@ def unnormalized_softmax(scores: Array) -> tuple[Array, Array, Array]:
     return unnormalized, jnp.sum(unnormalized, axis=-1, keepdims=True), maximum
 
 
-def _precision(dtype: Dtype) -> Optional[lax.Precision]:
-    return float32_precision() if full_precision(dtype) else None
-
-
 # --- portable -------------------------------------------------------------------------------
 def attend_portable(query: Array, key: Array, value: Array, mask: Optional[Array], dtype: Dtype,
                     dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> tuple[Array, Array]:
     """softmax(query @ key.T, masked) @ value: query [b, q, h, d], key and value [b, k, h, d]."""
-    precision = _precision(dtype)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query.astype(dtype), key.astype(dtype), precision=precision,
-                        preferred_element_type=jnp.float32)
+    scores = einsum_product("bqhd,bkhd->bhqk", query.astype(dtype), key.astype(dtype))
     if mask is not None:
         scores = jnp.where(mask, scores, MASKED)
     unnormalized, total, _ = unnormalized_softmax(scores)
     weights = unnormalized / total
     dropped = dropout(weights, dropout_rate, dropout_rng)
-    output = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dtype), value.astype(dtype), precision=precision,
-                        preferred_element_type=jnp.float32)
+    output = einsum_product("bhqk,bkhd->bqhd", dropped.astype(dtype), value.astype(dtype))
     return output, weights
 
 
@@ -99,7 +92,7 @@ def attend_fused(query: Array, key: Array, value: Array, mask: Optional[Array], 
 # --- CPU ------------------------------------------------------------------------------------
 def scores_transposed(query: Array, key: Array, mask: Optional[Array]) -> Array:
     """Masked float32 scores: query [b, h, q, d], key [b, h, d, k] (transposed) -> [b, h, q, k]."""
-    scores = jnp.einsum("bhqd,bhdk->bhqk", query, key.astype(query.dtype), preferred_element_type=jnp.float32)
+    scores = einsum_product("bhqd,bhdk->bhqk", query, key.astype(query.dtype))
     return scores if mask is None else jnp.where(mask, scores, MASKED)
 
 
@@ -127,7 +120,7 @@ def weights_times_values(weights: Array, value: Array) -> Array:
     single = weights.shape[-2] == 1
     if single:
         weights = jnp.pad(weights, [(0, 0), (0, 0), (0, 1), (0, 0)])
-    output = jnp.einsum("bhqk,bhkd->bhqd", weights, value, preferred_element_type=jnp.float32)
+    output = einsum_product("bhqk,bhkd->bhqd", weights, value)
     return output[:, :, :1] if single else output
 
 

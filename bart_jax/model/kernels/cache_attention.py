@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bart_jax.model.kernels.attention import (MASKED, _precision, dropout, scores_transposed, unnormalized_softmax,
+from bart_jax.model.kernels.attention import (MASKED, dropout, scores_transposed, unnormalized_softmax,
                                               weights_times_values)
 from bart_jax.model.kernels.cache import from_storage, to_storage, write_cpu, write_portable
+from bart_jax.model.kernels.linear import einsum_product
 from bart_jax.model.partitioning import TIME_MAJOR, KEYS, PER_HEAD, constrain
 
 Array = jax.Array
@@ -72,17 +73,15 @@ def attend_cache_portable(queries: Array, key: Array, value: Array, layer_cache:
 
     new_cache = write_portable(layer_cache, slots(key), slots(value), cache_index, beams)
     new_cache = {name: constrain(tensor, TIME_MAJOR) for name, tensor in new_cache.items()}
-    precision = _precision(dtype)
-    scores = jnp.einsum("bqhd,bshd->bhqs", queries.astype(dtype), new_cache["key"].astype(dtype),
-                        precision=precision, preferred_element_type=jnp.float32)
+    scores = einsum_product("bqhd,bshd->bhqs", queries.astype(dtype), new_cache["key"].astype(dtype))
     written = jnp.arange(max_length) < cache_index + length
     owner = (ancestors[..., None] == jnp.arange(beams)) & written[:, None]  # [b, beams, positions, beams]
     scores = _mask_slots(scores.reshape(batch, heads, beams, length, max_length, beams),
                          _beam_major_mask(mask, batch, beams), owner)
     unnormalized, total, _ = unnormalized_softmax(scores.reshape(batch, heads, beams * length, max_length * beams))
     weights = unnormalized / total
-    output = jnp.einsum("bhqs,bshd->bqhd", dropout(weights, dropout_rate, dropout_rng).astype(dtype),
-                        new_cache["value"].astype(dtype), precision=precision, preferred_element_type=jnp.float32)
+    output = einsum_product("bhqs,bshd->bqhd", dropout(weights, dropout_rate, dropout_rng).astype(dtype),
+                            new_cache["value"].astype(dtype))
     return output, _per_position(weights, batch, heads, beams, length), new_cache
 
 

@@ -16,6 +16,7 @@ operands' dtype, as mixed-precision training does, and as fast accelerators need
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -77,6 +78,42 @@ def _low_precision_product_backward(residuals, output_gradient):
 
 
 low_precision_product.defvjp(_low_precision_product_forward, _low_precision_product_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def low_precision_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, a, b)` of bfloat16/float16 operands, accumulated in float32, whose backward
+    products round the output gradient to the operands' dtype first, as `low_precision_product`
+    does (attention's products in mixed-precision training). `spec` names two operands and every
+    index of each operand also in the other or in the output, as attention's products do."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _low_precision_einsum_forward(spec, a, b):
+    return low_precision_einsum(spec, a, b), (a, b)
+
+
+def _low_precision_einsum_backward(spec, residuals, output_gradient):
+    a, b = residuals
+    operands, output = spec.split("->")
+    a_indices, b_indices = operands.split(",")
+    gradient = output_gradient.astype(a.dtype)
+    # Results in the operands' dtype (accumulated in float32 by the backends' matmuls): XLA's CPU
+    # runtime has no bfloat16 x bfloat16 -> float32 product for some of these operand orders.
+    a_gradient = jnp.einsum(f"{output},{b_indices}->{a_indices}", gradient, b, preferred_element_type=a.dtype)
+    b_gradient = jnp.einsum(f"{a_indices},{output}->{b_indices}", a, gradient, preferred_element_type=b.dtype)
+    return a_gradient, b_gradient
+
+
+low_precision_einsum.defvjp(_low_precision_einsum_forward, _low_precision_einsum_backward)
+
+
+def einsum_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """A two-operand einsum accumulated in float32: float32 operands at full precision,
+    bfloat16/float16 ones with low-precision backward products (`low_precision_einsum`)."""
+    if full_precision(a.dtype):
+        return jnp.einsum(spec, a, b, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
+    return low_precision_einsum(spec, a, b)
 
 
 def _product(rows: jax.Array, weight: jax.Array) -> jax.Array:

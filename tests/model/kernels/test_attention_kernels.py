@@ -125,3 +125,46 @@ def test_portable_attention_takes_the_fused_kernel_unless_probabilities_are_need
         expected, _, _ = module.apply(params, hidden, layer_head_mask=head_mask, need_weights=True)
         np.testing.assert_allclose(np.asarray(output), np.asarray(expected), atol=1e-6,
                                    err_msg=f"{case}: the fused path differs from the einsum path")
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple]:
+    """The operand dtypes of every dot_general in `jaxpr` and the jaxprs nested in it."""
+    found = []
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "dot_general":
+            found.append(tuple(str(var.aval.dtype) for var in equation.invars))
+        for sub in jax.core.subjaxprs(equation) if hasattr(jax.core, "subjaxprs") else []:
+            found += _dot_operand_dtypes(sub)
+        for value in equation.params.values():
+            for candidate in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(candidate, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    found += _dot_operand_dtypes(inner)
+                elif hasattr(candidate, "eqns"):
+                    found += _dot_operand_dtypes(candidate)
+    return found
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "portable"])
+def test_bfloat16_attention_backward_products_stay_bfloat16(implementation):
+    """In mixed-precision training every product of attention's backward pass multiplies
+    bfloat16 operands (accumulating in float32), as the linear layers' do; the gradients stay
+    close to float32 ones."""
+    rng = np.random.default_rng(3)
+    query, key, value = (jnp.asarray(rng.standard_normal((2, 7, 3, 8)) * 0.5, jnp.float32) for _ in range(3))
+    attend_with = attend_cpu if implementation == "cpu" else attend_portable
+
+    def loss(query, key, value, dtype):
+        output, _ = attend_with(query.astype(dtype), key.astype(dtype), value.astype(dtype), None, dtype)
+        return jnp.sum(jnp.sin(output))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    jaxpr = jax.make_jaxpr(lambda q, k, v: grad(q, k, v, jnp.dtype(jnp.bfloat16)))(query, key, value)
+    operands = _dot_operand_dtypes(jaxpr.jaxpr)
+    assert len(operands) >= 6, f"expected the forward and backward products, found {operands}"
+    assert all(dtypes == ("bfloat16", "bfloat16") for dtypes in operands), (
+        f"a product of the bfloat16 forward or backward pass has a float32 operand: {operands}")
+    for name, ours, reference in zip(("query", "key", "value"), grad(query, key, value, jnp.dtype(jnp.bfloat16)),
+                                     grad(query, key, value, jnp.dtype(jnp.float32))):
+        np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(reference), atol=0.05,
+                                   err_msg=f"d {name}: bfloat16 gradient far from the float32 one")
