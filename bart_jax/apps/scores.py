@@ -15,38 +15,21 @@ from the examples'; ROUGE-1, -2 and -L do not depend on sentences. The splitter 
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from bart_jax.training import metrics
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-# Abbreviations (without their final period) that end no sentence, for the Punkt splitter
-# used where nltk's trained punkt data is not installed.
-ABBREVIATIONS = (
-    "mr mrs ms dr prof sr jr st mt gen col lt sgt capt cmdr adm gov sen rep rev hon pres supt insp det "
-    "inc ltd co corp bros plc llc dept univ assn ave blvd rd no nos vol vols fig figs approx est vs etc "
-    "e.g i.e u.s u.k u.n u.s.a a.m p.m jan feb mar apr jun jul aug sep sept oct nov dec"
-).split()
-
-
+# The sentence splitter of ROUGE-Lsum, shared with training's evaluation (bart_jax.training.metrics):
+# nltk's Punkt given a list of abbreviations, nothing learned.
 SENTENCE_SPLITTER = "nltk-punkt-untrained-with-abbreviations"
-
-
-@functools.lru_cache(maxsize=None)
-def sentence_splitter() -> tuple[str, Callable[[str], list[str]]]:
-    """(name, split) of the sentence splitter: nltk's Punkt given ABBREVIATIONS, nothing learned."""
-    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
-
-    parameters = PunktParameters()
-    parameters.abbrev_types = set(ABBREVIATIONS)
-    return SENTENCE_SPLITTER, PunktSentenceTokenizer(parameters).tokenize
 
 
 def split_sentences(text: str) -> str:
     """`text` with one sentence per line (lines already there are kept apart)."""
-    _, split = sentence_splitter()
-    return "\n".join(sentence for line in text.splitlines() for sentence in split(line.strip()) if sentence)
+    return "\n".join(metrics.split_sentences(text))
 
 
 class RougeAccumulator:
@@ -70,7 +53,7 @@ class RougeAccumulator:
         "sentence_splitter"}: F-measures in percent; "mid" is the median of the bootstrap means
         (what the Hugging Face examples report), close to the mean over documents."""
         metrics: dict = {"documents": self.count, "confidence_interval": self.confidence_interval,
-                         "sentence_splitter": sentence_splitter()[0]}
+                         "sentence_splitter": SENTENCE_SPLITTER}
         if not self.count:
             return metrics
         state = np.random.get_state()

@@ -25,8 +25,10 @@ def _as_numpy(value: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} cannot be read as an array: {error}") from None
 
 
-def check_token_ids(ids: Any, config: BartConfig, name: str = "input_ids", allow_ignore_index: bool = False) -> np.ndarray:
-    """ids [batch, length] integers in [0, vocab_size) and no longer than max_position_embeddings."""
+def check_token_ids(ids: Any, config: BartConfig, name: str = "input_ids",
+                    allow_ignore_index: bool = False) -> np.ndarray:
+    """ids [batch, length] integers in [0, vocab_size), at least one row and one token, and no
+    longer than max_position_embeddings."""
     ids = _as_numpy(ids, name)
     if ids.ndim != 2:
         raise ValueError(f"{name} must have shape [batch, length], got shape {ids.shape}")

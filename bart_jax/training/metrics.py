@@ -16,8 +16,8 @@ import numpy as np
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
-# Abbreviations (without their final period) that end no sentence, for the sentence splitter; the
-# list bart_jax.apps.scores splits with, so that both score ROUGE-Lsum alike.
+# Abbreviations (without their final period) that end no sentence, for the sentence splitter that
+# ROUGE-Lsum uses here and in bart_jax.apps.scores.
 ABBREVIATIONS = (
     "mr mrs ms dr prof sr jr st mt gen col lt sgt capt cmdr adm gov sen rep rev hon pres supt insp det "
     "inc ltd co corp bros plc llc dept univ assn ave blvd rd no nos vol vols fig figs approx est vs etc "

@@ -4,6 +4,7 @@ against the checksums saved in its progress record."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -136,6 +137,20 @@ def test_damaged_bookkeeping_of_orbax_alone_still_restores(two_checkpoints, warn
     step, state, _ = checkpointer.restore_latest(state_of(0))
     assert step == 2 and not warnings_logged
     assert_same_tree(state, state_of(2))
+    checkpointer.close()
+
+
+def test_a_checkpoint_saved_without_checksums_restores_with_a_warning(two_checkpoints, warnings_logged):
+    record = two_checkpoints / checkpointing.CHECKPOINT_DIR / "2" / "progress" / "metadata"
+    progress = json.loads(record.read_text())
+    del progress[checkpointing.CHECKSUMS]  # as written before checksums were kept
+    record.write_text(json.dumps(progress))
+    checkpointer = checkpointing.Checkpointer(str(two_checkpoints), async_save=False)
+    step, state, restored = checkpointer.restore_latest(state_of(0))
+    assert step == 2 and restored == progress_of(2)
+    assert_same_tree(state, state_of(2))
+    assert warnings_logged == [f"the checkpoint of step 2 in {record.parent.parent} has no checksums: restored "
+                               f"unverified"], warnings_logged
     checkpointer.close()
 
 
