@@ -2,8 +2,9 @@
 
 In transformers 5.x `BartTokenizerFast(vocab_file=..., merges_file=...)` silently ignores both
 arguments, so the oracles are built with `tokenizer_file=`, `vocab=`/`merges=` or `from_pretrained`.
-transformers defaults `model_max_length` to 1e30 when no tokenizer_config.json says otherwise;
-the oracles are given BART's 1024, the default of `BartTokenizer`.
+transformers defaults `model_max_length` to 1e30 when no tokenizer_config.json says otherwise,
+and so does `BartTokenizer.from_pretrained`; the oracles and `from_pretrained` are given BART's
+1024, the default of `BartTokenizer.from_file` and `from_vocab_merges`.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def from_vocab_merges():
 
 @pytest.fixture(scope="module")
 def from_pretrained():
-    return BartTokenizer.from_pretrained(TOKENIZER_DIR)
+    return BartTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=MODEL_MAX_LENGTH)
 
 
 LOADERS_AND_ORACLES = [

@@ -73,6 +73,10 @@ def find_max_batch(compiler, workload: str, parser: argparse.ArgumentParser) -> 
         total = (record.get("memory") or {}).get("total")
         tried.append({"per_chip_batch": per_chip, "fits": record["fits"], "total": total,
                       "error": None if record["compiled"] else record["error"][:200]})
+        verdict = "fits" if record["fits"] else "does not fit" if record["compiled"] else "does not compile"
+        size = "" if total is None else f" ({total / 2**30:.2f} GiB)"
+        print(f"{workload}: {per_chip} per chip {verdict}{size}, {record['compile_seconds']} s", file=sys.stderr,
+              flush=True)
         if record["fits"]:
             fitting[per_chip] = total
             if best is None or per_chip > best["per_chip_batch"]:

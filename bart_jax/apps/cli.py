@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(summarize)
 
     warmup = commands.add_parser("warmup", help="compile generation for every bucket shape ahead of time")
-    warmup.add_argument("--lengths", type=int, nargs="+", help="source length buckets (default: all)")
+    warmup.add_argument("--lengths", type=_positive_int, nargs="+", help="source length buckets (default: all)")
     summarize_job.add_mesh_argument(warmup)
     _add_model_arguments(warmup)
     _add_generation_arguments(warmup)
@@ -147,10 +147,19 @@ def run_summarize(args) -> int:
                              summary_settings(args), generation_options(args))
 
 
-def run_warmup(args) -> int:
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
 
+
+def run_warmup(args) -> int:
     model = _load(args)
     limit = source_limit(model, args.max_source_length)
+    too_long = [length for length in args.lengths or () if length > limit]
+    if too_long:
+        raise ValueError(f"--lengths {too_long} exceed the model's limit of {limit} tokens")
     lengths = args.lengths or sorted({min(size, limit) for size in LENGTH_BUCKETS})
     began, stats = time.perf_counter(), SummaryStats()
     count = warmup(model, args.batch_size, lengths, stats=stats, **generation_options(args))

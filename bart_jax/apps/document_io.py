@@ -20,7 +20,7 @@ from typing import IO, Iterable, Optional
 from bart_jax.apps.inputs import Document, open_documents
 
 __all__ = ["Document", "OrderedWriter", "OutputLock", "ResultWriter", "check_done", "check_output", "finalize",
-           "open_documents", "options_hash", "read_done", "text_hash"]
+           "open_documents", "options_hash", "read_done", "text_hash", "write_atomically"]
 
 
 def read_done(path: str) -> dict[int, dict]:
@@ -71,13 +71,15 @@ def check_output(path: str, input_path: Optional[str], journal: Optional[str] = 
 def check_done(path: str, done: dict[int, dict], documents: Iterable[Document], options: str) -> int:
     """Refuses to resume from results of other documents, of changed documents, or made with
     other settings (`options` is their `options_hash`). Reads `documents` once, holding one at a
-    time; returns how many there are."""
-    count = 0
+    time; returns how many there are. `documents` may be a share of the input (one process's):
+    results of documents outside it are refused too."""
+    count, unseen = 0, set(done)
     for document in documents:
         count += 1
         if document.index in done:
             _check_result(path, done[document.index], document, options)
-    beyond = [index for index in done if index >= count]
+            unseen.discard(document.index)
+    beyond = sorted(unseen)  # results of documents that `documents` lacks
     if beyond:
         raise ValueError(f"{path} does not belong to this input (index {min(beyond)} differs); "
                          f"drop --resume or choose another output")
@@ -179,7 +181,7 @@ class ResultWriter:
         self.path = path
         if resume:
             # Keep the complete results only: a line torn by the interruption would glue onto the next.
-            _write_atomically(path, read_done(path).values())
+            write_atomically(path, read_done(path).values())
         elif os.path.exists(path):
             os.remove(path)
         self._file = open(path, "a", encoding="utf-8")
@@ -197,13 +199,15 @@ def finalize(path: str, total: int) -> None:
     done = read_done(path)
     if len(done) != total:
         raise ValueError(f"{path} holds {len(done)} of {total} results; run again with --resume")
-    _write_atomically(path, (done[index] for index in range(total)))
+    write_atomically(path, (done[index] for index in range(total)))
 
 
-def _write_atomically(path: str, records: Iterable[dict]) -> None:
+def write_atomically(path: str, records: Iterable[dict]) -> None:
+    """Writes `records` as JSON lines to `path` through `path.tmp`, so that `path` is never torn."""
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as f:
-        f.write(format_records(records))
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(temporary, path)
 
 

@@ -73,14 +73,21 @@ def finalize_output(path: str, fmt: str, total: int) -> None:
     done = document_io.read_done(journal)
     if len(done) != total:
         raise ValueError(f"{journal} holds {len(done)} of {total} results; run again with --resume")
-    records = [done[index] for index in range(total)]
+    write_output(path, fmt, (done[index] for index in range(total)))
+    os.remove(journal)
+
+
+def write_output(path: str, fmt: str, records: Iterable[dict]) -> None:
+    """Writes `records` (in the order given) to `path` in `fmt`, atomically (through `path.tmp`)."""
+    if fmt == "jsonl":
+        document_io.write_atomically(path, records)
+        return
     temporary = path + ".tmp"
     if fmt == "parquet":
-        _write_parquet(records, temporary)
+        _write_parquet(list(records), temporary)
     else:
-        _write_csv(records, temporary)
+        _write_csv(list(records), temporary)
     os.replace(temporary, path)
-    os.remove(journal)
 
 
 def _columns(records: Iterable[dict]) -> list[str]:

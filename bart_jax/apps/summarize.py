@@ -252,6 +252,11 @@ def iter_summaries(
         stats.empty += 1
         yield index, Summary([""] * returned, [[] for _ in range(returned)]) if details else ""
     ids, truncated = tokenize_documents(tokenizer, [texts[i] for i in non_empty], limit)
+    largest = max((max(row) for row in ids if row), default=-1)
+    if largest >= model.config.vocab_size:
+        # On one device an id past the table would be clamped, not refused.
+        raise ValueError(f"the tokenizer gives token id {largest}, outside the model's vocabulary "
+                         f"[0, {model.config.vocab_size}); it does not belong to this model")
     stats.truncated += sum(truncated)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     key = jax.random.PRNGKey(seed)
@@ -306,8 +311,12 @@ def warmup(model, batch_size: int, lengths: Sequence[int], *, mesh: Optional[jax
     """Compiles generation ahead of time for every (batch bucket, length) shape; returns how
     many shapes that was (`stats` counts compilations and persistent cache hits). With the
     persistent compilation cache on, later processes load these executables instead of
-    compiling. On a mesh (default: the one of the model's parameters) each shape is generated
-    once from a dummy batch, which also compiles it."""
+    compiling. On a mesh (default: the one of the model's parameters) the sharded generation is
+    compiled. Lengths must be positive and at most the model's `max_position_embeddings`."""
+    too_long = [n for n in lengths if not 1 <= n <= model.config.max_position_embeddings]
+    if too_long:
+        raise ValueError(f"warmup lengths must be in 1..{model.config.max_position_embeddings} "
+                         f"(max_position_embeddings), got {too_long}")
     mesh = _model_mesh(model, batch_size, mesh)
     config = resolve_generation_config(model.module, model.generation_config, **options)
     shards = 1 if mesh is None else parallel.batch_shards(mesh)
@@ -317,15 +326,11 @@ def warmup(model, batch_size: int, lengths: Sequence[int], *, mesh: Optional[jax
     before = CompileCounter.snapshot()
     for batch in batch_buckets(batch_size, shards):
         for length in sorted(set(lengths)):
+            shape = jax.ShapeDtypeStruct((batch, length), jnp.int32)
             if mesh is None:
-                shape = jax.ShapeDtypeStruct((batch, length), jnp.int32)
                 generate_static.lower(model.module, model.params, shape, shape, config, key).compile()
             else:
-                ids = np.full((batch, length), model.config.pad_token_id, np.int32)
-                ids[:, 0], ids[:, 1] = model.config.bos_token_id, model.config.eos_token_id
-                mask = (ids != model.config.pad_token_id).astype(np.int32)
-                generation_function(model, config, mesh)(model.params, ids, mask, None if key is None else
-                                                         np.asarray(key))
+                generation_function(model, config, mesh).lower(model.params, shape, shape, key).compile()
             shapes += 1
     CompileCounter.add_since(before, stats)
     return shapes

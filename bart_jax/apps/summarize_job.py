@@ -4,7 +4,8 @@ Documents are read and summarized in windows of `--window` documents (sorted by 
 each window), so that memory stays flat however long the input is; results are written as they
 are produced (in input order within each window on standard output), and the output file is
 put in input order at the end. On several local devices the job runs data parallel by default
-(`--mesh`).
+(`--mesh`). On several hosts (`--num-processes`, `--distributed`) each process summarizes its
+own share into its own part of the output, and the parts are merged at the end (summarize_hosts.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import jax
 from tqdm import tqdm
 
 from bart_jax import parallel
-from bart_jax.apps import document_io, inputs, outputs
+from bart_jax.apps import document_io, inputs, outputs, summarize_hosts
+from bart_jax.apps.summarize_hosts import Hosts
 from bart_jax.apps.scores import RougeAccumulator
 from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, params_mesh, source_limit, warmup
 
@@ -52,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="documents read, sorted by length and summarized at a time (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
     add_mesh_argument(parser)
+    summarize_hosts.add_arguments(parser)
 
 
 def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
@@ -91,25 +94,39 @@ def run(args: argparse.Namespace, load: Callable, summaries: Callable, settings:
     generation options."""
     if args.window < 1:
         raise ValueError(f"--window must be positive, got {args.window}")
+    hosts = summarize_hosts.identify(args)
+    if hosts.several and not args.output:
+        raise ValueError(f"{hosts.count} processes cannot share standard output; name the output with -o "
+                         f"(each process writes its part next to it, merged at the end)")
     fmt = outputs.output_format(args.output, args.output_format)
-    journal = outputs.journal_path(args.output, fmt) if args.output else None
+    # Several processes: this one writes JSON lines to its own part, which is its journal.
+    written = hosts.part(args.output) if hosts.several else args.output
+    journal = written if hosts.several else outputs.journal_path(args.output, fmt) if args.output else None
     lock = None
     if args.metrics_output and not os.path.isdir(os.path.dirname(os.path.abspath(args.metrics_output))):
         raise ValueError(f"--metrics-output {args.metrics_output} cannot be written: its directory does not exist")
     if args.output:
         # Before any work: an output that cannot be written, or that another job is writing, fails at once.
         document_io.check_output(args.output, args.input, journal)
-        lock = document_io.OutputLock(args.output)
-        if args.resume and journal != args.output and not os.path.exists(journal) and os.path.exists(args.output):
+        if hosts.several:
+            document_io.check_output(written, args.input)
+        lock = document_io.OutputLock(written)
+        try:
+            if hosts.several:
+                summarize_hosts.start_part(args.output, hosts, args.resume)
+            elif args.resume and journal != args.output and not os.path.exists(journal) and \
+                    os.path.exists(args.output):
+                raise ValueError(f"{args.output} is complete (there is no {journal} to resume from); "
+                                 f"drop --resume to write it again")
+        except BaseException:
             lock.release()
-            raise ValueError(f"{args.output} is complete (there is no {journal} to resume from); "
-                             f"drop --resume to write it again")
+            raise
     source = None
     try:
         source = inputs.open_documents(args.input, args.text_field, args.id_field, args.reference_field,
                                        args.strict, dataset_name=args.dataset_name,
                                        dataset_config=args.dataset_config, split=args.split)
-        return _run(args, source, fmt, journal, load, summaries, settings, options)
+        return _run(args, hosts, source, fmt, journal, load, summaries, settings, options)
     finally:
         if source is not None:
             source.close()
@@ -117,11 +134,12 @@ def run(args: argparse.Namespace, load: Callable, summaries: Callable, settings:
             lock.release()
 
 
-def _run(args, source, fmt, journal, load, summaries, settings, options) -> int:
+def _run(args, hosts: Hosts, source, fmt, journal, load, summaries, settings, options) -> int:
     settings_hash = document_io.options_hash(settings)
+    documents = summarize_hosts.Share(source, hosts) if hosts.several else source
     done = document_io.read_done(journal) if journal and args.resume else {}
     if done:
-        document_io.check_done(args.output, done, source, settings_hash)
+        document_io.check_done(journal if hosts.several else args.output, done, documents, settings_hash)
     model = load()
     if args.warmup:
         began, warmed = time.perf_counter(), SummaryStats()
@@ -135,7 +153,7 @@ def _run(args, source, fmt, journal, load, summaries, settings, options) -> int:
     scorer = RougeAccumulator(seed=args.seed) if args.reference_field else None
     missing_references = 0
     started = time.perf_counter()
-    total_todo = None if source.size is None else max(source.size - len(done), 0)
+    total_todo = None if documents.size is None else max(documents.size - len(done), 0)
     progress = tqdm(total=total_todo, unit="doc", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
 
     def on_batch(count: int, tokens: int) -> None:
@@ -155,7 +173,7 @@ def _run(args, source, fmt, journal, load, summaries, settings, options) -> int:
 
     total = 0
     try:
-        for window in _windows(source, args.window):
+        for window in _windows(documents, args.window):
             total += len(window)
             produced = {d.index: done[d.index].get("summary", "") for d in window if d.index in done}
             todo = [document for document in window if document.index not in done]
@@ -173,7 +191,9 @@ def _run(args, source, fmt, journal, load, summaries, settings, options) -> int:
         progress.close()
         if writer is not None:
             writer.close()
-    if args.output:
+    if hosts.several:
+        summarize_hosts.finish_part(args.output, hosts, documents, settings_hash)
+    elif args.output:
         outputs.finalize_output(args.output, fmt, total)
     report = _report(stats, time.perf_counter() - started, len(done), source.counts)
     mesh = params_mesh(model.params) if hasattr(model, "params") else None
@@ -183,13 +203,29 @@ def _run(args, source, fmt, journal, load, summaries, settings, options) -> int:
         report["missing_references"] = missing_references
     print("summary: " + json.dumps(report), file=sys.stderr)
     if args.metrics_output:
-        temporary = args.metrics_output + ".tmp"
+        metrics = summarize_hosts.report_path(args.metrics_output, hosts)
+        temporary = metrics + ".tmp"
         with open(temporary, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
-        os.replace(temporary, args.metrics_output)
+        os.replace(temporary, metrics)
     _warn(stats, source.counts, missing_references)
+    if hosts.several:
+        _merge(args, hosts, fmt)
     return 0
+
+
+def _merge(args, hosts: Hosts, fmt: str) -> None:
+    """Process 0 waits for every part and merges them; the others merge if theirs completes the set."""
+    timeout = args.merge_timeout if hosts.index == 0 else 0.0
+    if hosts.index == 0:
+        summarize_hosts.note(f"part {hosts.part(args.output)} complete; waiting up to {timeout:g} s for the "
+                             f"other parts to merge them into {args.output}")
+    if summarize_hosts.merge(args.output, fmt, hosts, timeout):
+        summarize_hosts.note(f"merged the {hosts.count} parts into {args.output}")
+    else:
+        summarize_hosts.note(f"part {hosts.part(args.output)} complete; {args.output} is merged by the last "
+                             f"process to complete its part (or process 0)")
 
 
 def _report(stats: SummaryStats, wall: float, skipped: int, counts: inputs.ReadCounts) -> dict:

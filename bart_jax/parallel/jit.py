@@ -126,7 +126,10 @@ def jit_decode_step(module, mesh: Mesh, param_shardings: Any, rules: Rules = RUL
 
     def checked(params, decoder_input_ids, cache, cache_index, cross_key_values, encoder_attention_mask):
         check_batch((decoder_input_ids, cache, cross_key_values, encoder_attention_mask), mesh, rules)
-        _check_ids(module.config, {"decoder_input_ids": decoder_input_ids})
+        if not isinstance(decoder_input_ids, jax.Array):
+            # Host ids come from the caller; device ids from a previous step's search (reading them
+            # back to check them would make every step wait for the device).
+            _check_ids(module.config, {"decoder_input_ids": decoder_input_ids})
         structure = jax.tree_util.tree_structure((cache, cross_key_values))
         if structure not in compiled:
             cache_sharding = cache_shardings(cache, mesh, rules, layout)
@@ -165,6 +168,11 @@ def jit_generate(module, mesh: Mesh, param_shardings: Any, generation_config, ru
         check_prng_key(prng_key)
         return jitted(params, input_ids, attention_mask, prng_key)
 
+    def lower(params, input_ids, attention_mask, prng_key=None):
+        """The lowered computation (`.compile()` it ahead of time, or read its memory analysis)."""
+        return jitted.lower(params, input_ids, attention_mask, prng_key)
+
+    checked.lower = lower
     return checked
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from bart_jax.tokenizer import BartTokenizer
 from bart_jax.training.data import Record, column_values, is_empty_text
-from bart_jax.training.features import DataStats, TaskData, encode, own_backend
+from bart_jax.training.features import DataStats, TaskData, encode, own_backend, text_values
 
 NO_ANSWER_POSITION = 0
 
@@ -60,8 +60,9 @@ def token_span(offsets: np.ndarray, is_context: np.ndarray, start_char: int, end
 def qa_data(records: list[Record], tokenizer: BartTokenizer, question_column: str, context_column: str,
             answer_column: str, max_length: int, source: str) -> TaskData:
     """input_ids and start/end positions (the first gold answer) for each example."""
-    questions = column_values(records, question_column, source)
-    contexts = column_values(records, context_column, source)
+    # Questions and contexts must be text: a number or a list would be trained on as its str().
+    questions = text_values(records, question_column, source)
+    contexts = text_values(records, context_column, source)
     answers = column_values(records, answer_column, source)
     keep = [i for i in range(len(records)) if not is_empty_text(questions[i]) and not is_empty_text(contexts[i])]
     # transformers' QA scripts strip the question's leading whitespace, which only wastes tokens.

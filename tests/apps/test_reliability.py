@@ -39,7 +39,7 @@ from hf_reference import TOKENIZER_DIR, hf_model, save_hf_model
 
 from bart_jax import BartTokenizer, load_pretrained, parallel
 from bart_jax import pretrained as pretrained_module
-from bart_jax.apps import cli, convert, document_io, pipelines
+from bart_jax.apps import cli, convert, document_io, pipelines, summarize
 from bart_jax.checkpoints import files
 from bart_jax.generation import generate, resolve_generation_config
 from bart_jax.training import loop
@@ -113,6 +113,10 @@ def snapshot(root: pathlib.Path) -> dict[str, str]:
 # --- preparations some rows need ----------------------------------------------------------------
 def link_to_input(root):
     (root / "link.jsonl").symlink_to(root / "in.txt")
+
+
+def write_a_csv_without_text(root):
+    (root / "table.csv").write_text("title,body_text\nA,The river rose.\n", encoding="utf-8")
 
 
 def input_named_like_the_temporary_output(root):
@@ -288,13 +292,33 @@ BAD_CALLS = [
            lambda lib: lib.classifier(input_ids=IDS, labels=np.array([-3]))),
     python("classifier-labels-per-row", "labels has shape (2,) but input_ids has 1 rows",
            lambda lib: lib.classifier(input_ids=IDS, labels=np.array([0, 1]))),
+    # warmup shapes that no input can have
+    BadCall("warmup-length-zero", ("bart-jax", "warmup", "--lengths", "0", "--model", NEVER_LOADED),
+            "0 is not a positive integer"),
+    python("warmup-length-beyond-positions", "warmup lengths must be in 1..64 (max_position_embeddings), got [4096]",
+           lambda lib: summarize.warmup(lib.lm, 2, [4096])),
+    # summarize inputs and outputs refused before the model loads
+    BadCall("summarize-csv-without-text-field", ("bart-jax", "summarize", "{tmp}/table.csv"), "has no field",
+            write_a_csv_without_text),
+    BadCall("summarize-text-field-on-txt", (*SUMMARIZE, "--text-field", "body"), "which has no fields"),
+    BadCall("summarize-parquet-to-stdout", (*SUMMARIZE, "--output-format", "parquet"), "needs an output file"),
+    BadCall("summarize-metrics-in-missing-directory", (*SUMMARIZE, "--metrics-output", "{tmp}/missing/m.json"),
+            "its directory does not exist"),
 ]
 COMMANDS = [case for case in BAD_CALLS if case.call is None]
 LIBRARY_CALLS = [case for case in BAD_CALLS if case.call is not None]
 
 
 def call(argv: list[str]) -> int:
-    """Runs a command line in this process, as its console script would."""
+    """Runs a command line in this process, as its console script would (argparse's own errors
+    exit with status 2)."""
+    try:
+        return _call(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def _call(argv: list[str]) -> int:
     command, arguments = argv[0], argv[1:]
     if arguments[:1] == ["summarize"]:
         return cli.main(summarize_argv(*arguments[1:]))
