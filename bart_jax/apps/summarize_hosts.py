@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -110,14 +111,25 @@ class Share:
         self.total, self.fingerprint = total, digest.hexdigest()[:16]
 
 
-def start_part(output: str, hosts: Hosts, resume: bool) -> None:
-    """Before this process writes its part: refuses to resume when OUTPUT was merged already, and
-    withdraws the part's completion marker (the part is about to change)."""
+def check_part(output: str, hosts: Hosts, resume: bool) -> None:
+    """Before any work: refuses to resume from parts of another number of processes, or once
+    OUTPUT was merged."""
     part = hosts.part(output)
+    tails = (name[len(output):] for name in glob.glob(glob.escape(output) + ".part-*-of-*"))  # ".part-K-of-N..."
+    others = sorted({output + tail[:tail.index("-of-") + 9] for tail in tails
+                     if not tail[tail.index("-of-"):].startswith(f"-of-{hosts.count:05d}")})
+    if resume and others:
+        raise ValueError(f"{output} has parts of another number of processes ({', '.join(others)}); resume with "
+                         f"that --num-processes, or drop --resume (and remove them) to start again")
     if resume and os.path.exists(output) and not os.path.exists(part) and not _any_done(output, hosts):
         raise ValueError(f"{output} is complete (its parts were merged); drop --resume to write it again")
-    if os.path.exists(part + DONE_SUFFIX):
-        os.remove(part + DONE_SUFFIX)
+
+
+def withdraw_part(output: str, hosts: Hosts) -> None:
+    """Removes this process's completion marker: its part is about to change."""
+    marker = hosts.part(output) + DONE_SUFFIX
+    if os.path.exists(marker):
+        os.remove(marker)
 
 
 def _any_done(output: str, hosts: Hosts) -> bool:

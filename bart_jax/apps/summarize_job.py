@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from bart_jax import parallel
 from bart_jax.apps import document_io, inputs, outputs, summarize_hosts
-from bart_jax.apps.summarize_hosts import Hosts
 from bart_jax.apps.scores import RougeAccumulator
 from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, params_mesh, source_limit, warmup
+from bart_jax.apps.summarize_hosts import Hosts
 
 DEFAULT_WINDOW = 10_000
 MESH_CHOICES = ("auto", "none", *parallel.PRESETS)
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, load: Callable, summaries: Callable, settings:
         lock = document_io.OutputLock(written)
         try:
             if hosts.several:
-                summarize_hosts.start_part(args.output, hosts, args.resume)
+                summarize_hosts.check_part(args.output, hosts, args.resume)
             elif args.resume and journal != args.output and not os.path.exists(journal) and \
                     os.path.exists(args.output):
                 raise ValueError(f"{args.output} is complete (there is no {journal} to resume from); "
@@ -148,6 +148,8 @@ def _run(args, hosts: Hosts, source, fmt, journal, load, summaries, settings, op
         print(f"warmup: {count} shapes in {time.perf_counter() - began:.1f} s ({warmed.compiles} compiled, "
               f"{warmed.cache_hits} loaded from the compilation cache)", file=sys.stderr)
 
+    if hosts.several:
+        summarize_hosts.withdraw_part(args.output, hosts)
     writer = document_io.ResultWriter(journal, resume=args.resume) if args.output else None
     stats = SummaryStats()
     scorer = RougeAccumulator(seed=args.seed) if args.reference_field else None

@@ -7,6 +7,7 @@ import functools
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from bart_jax.generation.generate import check_prng_key, generate_static
@@ -166,6 +167,12 @@ def jit_generate(module, mesh: Mesh, param_shardings: Any, generation_config, ru
         check_batch((input_ids, attention_mask), mesh, rules)
         _check_ids(module.config, {"input_ids": input_ids, "attention_mask": attention_mask}, ("attention_mask",))
         check_prng_key(prng_key)
+        # Host inputs placed here: with several processes (jax.distributed), JAX refuses numpy
+        # inputs to a function with non-trivial input shardings.
+        input_ids, attention_mask = (value if isinstance(value, jax.Array) else jax.device_put(np.asarray(value), rows)
+                                     for value in (input_ids, attention_mask))
+        if prng_key is not None and not isinstance(prng_key, jax.Array):
+            prng_key = jax.device_put(np.asarray(prng_key), replicated(mesh))
         return jitted(params, input_ids, attention_mask, prng_key)
 
     def lower(params, input_ids, attention_mask, prng_key=None):

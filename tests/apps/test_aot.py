@@ -111,7 +111,8 @@ def test_find_max_batch_doubles_then_bisects(monkeypatch):
         total = int((1 + 0.7 * per_chip) * chips.GIB)
         fits = total <= 15.75 * chips.GIB
         return {"workload": workload, "per_chip_batch": per_chip, "fits": fits, "compiled": fits,
-                "error": None if fits else "RESOURCE_EXHAUSTED", **({"memory": {"total": total}} if fits else {})}
+                "compile_seconds": 1.0, "error": None if fits else "RESOURCE_EXHAUSTED",
+                **({"memory": {"total": total}} if fits else {})}
 
     monkeypatch.setattr(aot_search, "compile_isolated", compile_isolated)
     record = aot_search.find_max_batch(compiler, "train", aot.build_parser())

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -52,7 +53,8 @@ def processes(process_id, count=3, *extra):
 
 
 def leftovers(root):
-    return sorted(path.name for path in root.iterdir() if ".part-" in path.name or path.name.endswith(".lock"))
+    return sorted(path.name for path in root.iterdir()
+                  if path.name.startswith("out.") and (".part-" in path.name or path.name.endswith(".lock")))
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
@@ -74,9 +76,10 @@ def test_parts_merge_into_the_output_of_one_process(job, tmp_path, fmt):
 def test_the_last_part_to_complete_merges(job, tmp_path):
     code, message = job(*processes(0, 2, "--merge-timeout", "0"))  # process 0 does not wait either
     assert code == 0 and "is merged by the last process" in message and not (tmp_path / "out.jsonl").exists()
-    code, message = job(*processes(1, 2))
+    code, message = job(*processes(1, 2, "--metrics-output", str(tmp_path / "m.json")))
     assert code == 0 and "merged the 2 parts" in message
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == len(WORDS)
+    assert json.loads((tmp_path / "m.json.part-00001-of-00002").read_text())["skipped_by_resume"] == 0
     assert leftovers(tmp_path) == []
 
 
@@ -114,7 +117,8 @@ def test_merging_again_after_a_crash_gives_the_same_output(job, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         job(*processes(0, 2))
     monkeypatch.setattr(os, "remove", real_remove)
-    assert len([path for path in removed if path.endswith(".done")]) == 2 and (tmp_path / "out.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert len([path for path in removed if path.endswith(".done")]) == 2
+    assert (tmp_path / "out.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     for process_id in (1, 0):  # the complete parts are re-checked, not summarized again, and merged again
         assert job(*processes(process_id, 2, "--resume"))[0] == 0
     assert (tmp_path / "out.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
@@ -135,12 +139,21 @@ def test_bad_process_settings_are_refused(argv, expected, tmp_path, capsys, monk
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.txt"]
 
 
+def test_resume_with_another_number_of_processes_is_refused(job, tmp_path, capsys):
+    assert job(*processes(1, 3))[0] == 0
+    assert job(*processes(0, 2, "--resume"))[0] == 2
+    error = capsys.readouterr().err
+    assert "out.jsonl has parts of another number of processes (" in error and "part-00001-of-00003)" in error
+    assert not (tmp_path / "out.jsonl.part-00000-of-00002").exists()
+
+
 def test_parts_of_other_settings_are_refused(job, tmp_path, capsys):
     assert job(*processes(1, 2, "--seed", "1"))[0] == 0
     assert job(*processes(0, 2))[0] == 2
     assert "out.jsonl.part-00001-of-00002 was written for other settings" in capsys.readouterr().err
     assert job(*processes(1, 2, "--resume"))[0] == 2  # the part's results are checked as a single output's are
     assert "was written with other settings" in capsys.readouterr().err
+    assert (tmp_path / "out.jsonl.part-00001-of-00002.done").exists()  # a refused call changes nothing
     assert job(*processes(1, 2))[0] == 0 and (tmp_path / "out.jsonl").exists()  # rewritten, then merged
 
 
@@ -187,3 +200,37 @@ def test_two_processes_of_four_devices_equal_one_process(tmp_path, tokenizer_dir
     assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == \
         [f"d{i}" for i in range(len(documents))]
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_two_processes_joined_by_jax_distributed_equal_one_process(tmp_path, tokenizer_dir):
+    """With --coordinator-address the processes start jax.distributed (as on a pod slice, where
+    --distributed finds the same settings itself); each still summarizes on its own devices."""
+    directory = save_hf_model(hf_model("BartForConditionalGeneration", seed=12, vocab_size=50265, d_model=16,
+                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                       decoder_ffn_dim=32, encoder_layers=1, decoder_layers=1,
+                                       max_position_embeddings=64), tmp_path / "model")
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    with open(XSUM, encoding="utf-8") as f:
+        documents = [json.loads(line)["document"] for line in f][:4]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"document": d}) + "\n" for d in documents))
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu",
+                   "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
+    with socket.socket() as probe:  # a free port on this machine for the coordinator
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def start(output, *extra):
+        command = [sys.executable, "-m", "bart_jax", "summarize", str(tmp_path / "in.jsonl"), "-o",
+                   str(tmp_path / output), "--model", str(directory), "--no-progress", "--no-compilation-cache",
+                   "--num-beams", "2", "--max-length", "10", "--batch-size", "2", "--max-source-length", "32", *extra]
+        return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    runs = [start("one.jsonl")] + [start("out.jsonl", *processes(k, 2, "--coordinator-address", f"127.0.0.1:{port}"))
+                                   for k in (0, 1)]
+    for process in runs:
+        _, error = process.communicate(timeout=300)
+        assert process.returncode == 0, error[-3000:]
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
