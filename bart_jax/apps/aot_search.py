@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 # What the last lines of a crashed compiler's standard error may show in a result.
 ERROR_TAIL_CHARACTERS = 600
+_CRASH_LINES = r"\*\*\* SIG|Check failed|PC: @|Fatal|RESOURCE_EXHAUSTED"
 
 
 def child_argv(args: argparse.Namespace, parser: argparse.ArgumentParser, **changes: Any) -> list[str]:
@@ -50,9 +52,11 @@ def compile_isolated(compiler, workload: str, per_chip: int, parser: argparse.Ar
         return json.loads(lines[-1])
     record = compiler.describe(workload, shapes)
     ended = f"signal {-result.returncode}" if result.returncode < 0 else f"exit status {result.returncode}"
-    tail = result.stderr.strip()[-ERROR_TAIL_CHARACTERS:]
+    # The crash's own lines (signal, failed check, where), else the end of standard error.
+    lines = [line.strip() for line in result.stderr.splitlines() if re.search(_CRASH_LINES, line)]
+    tail = (" | ".join(lines[:4]) or result.stderr.strip())[-ERROR_TAIL_CHARACTERS:]
     record.update(compiled=False, fits=False, compile_seconds=round(time.perf_counter() - began, 2),
-                  error=f"the compiler's process ended without a result ({ended}): ... {tail}")
+                  error=f"the compiler's process ended without a result ({ended}): {tail}")
     return record
 
 

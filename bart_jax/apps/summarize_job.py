@@ -243,7 +243,22 @@ def _report(stats: SummaryStats, wall: float, skipped: int, counts: inputs.ReadC
         "generated_tokens_per_second": round(stats.generated_tokens / seconds, 1),
         "compiles": stats.compiles, "cache_hits": stats.cache_hits, "batches": stats.batches,
         "shapes": sorted(stats.shapes), "devices": jax.local_device_count(),
+        # How busy the devices were: the share of the wall time spent in generation calls, and
+        # each local device's peak memory where its backend reports it (GPU, TPU; not the CPU).
+        "generation_seconds": round(stats.seconds, 2), "generation_share": round(stats.seconds / seconds, 3),
+        "device_peak_memory_bytes": _device_peak_memory(),
     }
+
+
+def _device_peak_memory() -> Optional[list[int]]:
+    """Peak bytes in use of each local device, or None where the backend does not report them."""
+    peaks = []
+    for device in jax.local_devices():
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if not stats or "peak_bytes_in_use" not in stats:
+            return None
+        peaks.append(int(stats["peak_bytes_in_use"]))
+    return peaks
 
 
 def _warn(stats: SummaryStats, counts: inputs.ReadCounts, missing_references: int) -> None:
