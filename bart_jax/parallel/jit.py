@@ -105,6 +105,7 @@ def jit_forward(module, mesh: Mesh, param_shardings: Any, rules: Rules = RULES, 
             _check_ids(module.config, batch, tuple(MASK_ARGUMENTS))
         return jitted(params, batch)
 
+    checked.lower = jitted.lower  # for ahead-of-time compilation and memory analysis
     return checked
 
 
