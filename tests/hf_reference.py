@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import shutil
 
 import numpy as np
 
@@ -39,6 +40,10 @@ TINY_CONFIG = dict(
     dropout=0.0,
     attn_implementation="eager",
 )
+
+# The shape of the tiny summarization models of the end-to-end tests (`tiny_summarizer`).
+TINY_SUMMARIZER = dict(vocab_size=50265, d_model=16, encoder_attention_heads=2, decoder_attention_heads=2,
+                       encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=1, decoder_layers=1)
 
 HEADS = (
     "BartModel",
@@ -80,6 +85,16 @@ def hf_model(head: str = "BartForConditionalGeneration", seed: int = 0, **config
 def save_hf_model(model, directory, **save_kwargs) -> pathlib.Path:
     directory = pathlib.Path(directory)
     model.save_pretrained(directory, **save_kwargs)
+    return directory
+
+
+def tiny_summarizer(directory, tokenizer_dir, seed: int, **overrides) -> pathlib.Path:
+    """A perturbed tiny random BartForConditionalGeneration with BART's real vocabulary (one layer
+    each side, d_model 16), saved in `directory` with the real tokenizer files beside it."""
+    model = hf_model("BartForConditionalGeneration", seed=seed, **{**TINY_SUMMARIZER, **overrides})
+    directory = save_hf_model(model, directory)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        shutil.copy(pathlib.Path(tokenizer_dir) / name, directory / name)
     return directory
 
 

@@ -30,6 +30,7 @@ from bart_jax import parallel
 from bart_jax.apps.aot_report import cost_report, memory_report, roofline, text_line
 from bart_jax.apps.aot_search import find_max_batch
 from bart_jax.apps.chips import chip_for, parse_topology
+from bart_jax.apps.generation_flags import GENERATION_FLAGS
 from bart_jax.config import BartConfig
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.generate import resolve_generation_config
@@ -43,17 +44,10 @@ if TYPE_CHECKING:
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 PLATFORMS = ("tpu", "cuda")
 WORKLOADS = ("encode", "forward", "generate", "train")
-# Generation options on the command line: flag -> (GenerationConfig field, type).
-GENERATION_FLAGS = {
-    "--num-beams": ("num_beams", int),
-    "--num-return-sequences": ("num_return_sequences", int),
-    "--max-length": ("max_length", int),
-    "--max-new-tokens": ("max_new_tokens", int),
-    "--min-length": ("min_length", int),
-    "--min-new-tokens": ("min_new_tokens", int),
-    "--length-penalty": ("length_penalty", float),
-    "--no-repeat-ngram-size": ("no_repeat_ngram_size", int),
-}
+# The generation options that change a compiled program's shapes or work (sampling's do not).
+AOT_GENERATION_FLAGS = {flag: GENERATION_FLAGS[flag] for flag in (
+    "--num-beams", "--num-return-sequences", "--max-length", "--max-new-tokens", "--min-length", "--min-new-tokens",
+    "--length-penalty", "--no-repeat-ngram-size")}
 MAX_ERROR_CHARACTERS = 2000
 
 
@@ -83,7 +77,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--remat-policy", choices=REMAT_POLICIES, default="none", help="layer rematerialisation")
     parser.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches of the train step")
     group = parser.add_argument_group("generation (defaults: the preset's generation_config.json)")
-    for flag, (_, kind) in GENERATION_FLAGS.items():
+    for flag, (_, kind) in AOT_GENERATION_FLAGS.items():
         group.add_argument(flag, type=kind)
     group.add_argument("--do-sample", action="store_true", default=None)
     search = parser.add_argument_group("batch search (TPU)")
@@ -100,7 +94,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def generation_overrides(args: argparse.Namespace) -> dict:
     options = {}
-    for flag, (name, _) in GENERATION_FLAGS.items():
+    for flag, (name, _) in AOT_GENERATION_FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             options[name] = value

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from bart_jax.apps import aot, benchmark, pipelines, summarize_job
 from bart_jax.apps.compilation_cache import enable_persistent_cache
 from bart_jax.apps.convert import main as convert_main
+from bart_jax.apps.generation_flags import GENERATION_FLAGS
 from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, iter_summaries, source_limit, warmup
 from bart_jax.model.kernels import KERNELS
 from bart_jax.pretrained import load_pretrained
@@ -22,21 +23,6 @@ from bart_jax.pretrained import load_pretrained
 DEFAULT_MODEL = "facebook/bart-large-cnn"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "bart_jax", "xla")
 
-# Generation options on the command line: flag -> (GenerationConfig field, type).
-GENERATION_FLAGS = {
-    "--num-beams": ("num_beams", int),
-    "--num-return-sequences": ("num_return_sequences", int),
-    "--max-length": ("max_length", int),
-    "--max-new-tokens": ("max_new_tokens", int),
-    "--min-length": ("min_length", int),
-    "--min-new-tokens": ("min_new_tokens", int),
-    "--length-penalty": ("length_penalty", float),
-    "--no-repeat-ngram-size": ("no_repeat_ngram_size", int),
-    "--repetition-penalty": ("repetition_penalty", float),
-    "--temperature": ("temperature", float),
-    "--top-k": ("top_k", int),
-    "--top-p": ("top_p", float),
-}
 
 
 def _early_stopping(value: str):

@@ -643,7 +643,8 @@ def many_documents(path, count):
 def kill(process):
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    assert process.returncode == -signal.SIGKILL, (
+        f"the job ended (status {process.returncode}) before it could be killed:\n{process.stderr.read()[-3000:]}")
 
 
 @pytest.mark.slow

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
-from hf_reference import SHARED_DATA, hf_model, save_hf_model
+from hf_reference import SHARED_DATA, tiny_summarizer
 
 from bart_jax.apps.summarize import batch_buckets, bucket_batch
 from bart_jax.apps.summarize_job import job_mesh
@@ -36,12 +35,7 @@ def test_one_device_gets_no_mesh():
 
 @pytest.mark.slow
 def test_data_parallel_on_eight_devices_equals_one_device(tmp_path, tokenizer_dir):
-    directory = save_hf_model(hf_model("BartForConditionalGeneration", seed=11, vocab_size=50265, d_model=16,
-                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                       decoder_ffn_dim=32, encoder_layers=1, decoder_layers=1,
-                                       max_position_embeddings=64), tmp_path / "model")
-    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
-        shutil.copy(tokenizer_dir / name, directory / name)
+    directory = tiny_summarizer(tmp_path / "model", tokenizer_dir, seed=11, max_position_embeddings=64)
     with open(XSUM, encoding="utf-8") as f:
         documents = [json.loads(line)["document"] for line in f][:6]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"document": d}) + "\n" for d in documents))

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
-from hf_reference import SHARED_DATA, hf_model, save_hf_model
+from hf_reference import SHARED_DATA, tiny_summarizer
 
 from bart_jax.apps import cli, summarize_hosts
 
@@ -159,12 +158,7 @@ def test_parts_of_other_settings_are_refused(job, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_processes_of_four_devices_equal_one_process(tmp_path, tokenizer_dir):
-    directory = save_hf_model(hf_model("BartForConditionalGeneration", seed=11, vocab_size=50265, d_model=16,
-                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                       decoder_ffn_dim=32, encoder_layers=1, decoder_layers=1,
-                                       max_position_embeddings=64), tmp_path / "model")
-    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
-        shutil.copy(tokenizer_dir / name, directory / name)
+    directory = tiny_summarizer(tmp_path / "model", tokenizer_dir, seed=11, max_position_embeddings=64)
     with open(XSUM, encoding="utf-8") as f:
         documents = [json.loads(line)["document"] for line in f][:5]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"document": d, "id": f"d{i}"}) + "\n"
@@ -206,12 +200,7 @@ def test_two_processes_of_four_devices_equal_one_process(tmp_path, tokenizer_dir
 def test_two_processes_joined_by_jax_distributed_equal_one_process(tmp_path, tokenizer_dir):
     """With --coordinator-address the processes start jax.distributed (as on a pod slice, where
     --distributed finds the same settings itself); each still summarizes on its own devices."""
-    directory = save_hf_model(hf_model("BartForConditionalGeneration", seed=12, vocab_size=50265, d_model=16,
-                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                       decoder_ffn_dim=32, encoder_layers=1, decoder_layers=1,
-                                       max_position_embeddings=64), tmp_path / "model")
-    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
-        shutil.copy(tokenizer_dir / name, directory / name)
+    directory = tiny_summarizer(tmp_path / "model", tokenizer_dir, seed=12, max_position_embeddings=64)
     with open(XSUM, encoding="utf-8") as f:
         documents = [json.loads(line)["document"] for line in f][:4]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"document": d}) + "\n" for d in documents))

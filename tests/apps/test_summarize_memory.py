@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-from hf_reference import hf_model, save_hf_model
+from hf_reference import tiny_summarizer
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +37,7 @@ def write_documents(path, count: int) -> None:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc for peak memory")
 def test_peak_memory_is_flat_in_the_number_of_documents(tmp_path, tokenizer_dir):
-    directory = save_hf_model(hf_model("BartForConditionalGeneration", seed=1, vocab_size=50265, d_model=16,
-                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                       decoder_ffn_dim=32, encoder_layers=1, decoder_layers=1,
-                                       max_position_embeddings=128), tmp_path / "model")
-    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
-        shutil.copy(tokenizer_dir / name, directory / name)
+    directory = tiny_summarizer(tmp_path / "model", tokenizer_dir, seed=1, max_position_embeddings=128)
     peaks = {}
     for count in (1_000, 10_000):
         source, output = tmp_path / f"in-{count}.jsonl", tmp_path / f"out-{count}.jsonl"

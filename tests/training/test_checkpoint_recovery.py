@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-from hf_reference import SHARED_DATA, hf_model, save_hf_model
+from hf_reference import SHARED_DATA
 
 from bart_jax.training import checkpointing
 
@@ -168,15 +168,6 @@ def test_no_checkpoint_that_verifies_is_an_error_and_moves_nothing(two_checkpoin
 
 
 # --- train.py resumes from the newest checkpoint that verifies ----------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, bart_tokenizer):
-    directory = tmp_path_factory.mktemp("tiny-bart")
-    save_hf_model(hf_model("BartForConditionalGeneration", seed=0, vocab_size=50265, encoder_layers=1,
-                           decoder_layers=1), directory)
-    bart_tokenizer.save_pretrained(directory)
-    return str(directory)
-
-
 @pytest.mark.slow
 def test_train_resumes_from_the_last_good_checkpoint_to_the_same_weights(tiny_model_dir, tmp_path):
     output_dir = tmp_path / "run"

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
-from hf_reference import SHARED_DATA, TOKENIZER_DIR, hf_model, save_hf_model
+from hf_reference import SHARED_DATA, TOKENIZER_DIR
 
 from bart_jax.training import checkpointing, main
 
@@ -27,16 +27,6 @@ SQUAD = str(SHARED_DATA / "qa" / "squad_hf_fixture_sample.json")
 MRPC = str(SHARED_DATA / "classification" / "mrpc_hf_fixture" / "dev.csv")
 TINY_OVERRIDES = ("d_model=16,encoder_layers=1,decoder_layers=1,encoder_attention_heads=2,decoder_attention_heads=2,"
                   "encoder_ffn_dim=32,decoder_ffn_dim=32,max_position_embeddings=64")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, bart_tokenizer):
-    """A perturbed random transformers BartForConditionalGeneration with the real tokenizer."""
-    directory = tmp_path_factory.mktemp("tiny-bart")
-    model = hf_model("BartForConditionalGeneration", seed=0, vocab_size=50265, encoder_layers=1, decoder_layers=1)
-    save_hf_model(model, directory)
-    bart_tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def read_metrics(output_dir) -> list[dict]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from hf_reference import hf_model, save_hf_model
 
 from bart_jax.training import features, main
 
@@ -45,15 +44,6 @@ def test_a_text_that_is_not_a_string_is_refused_naming_the_example(bart_tokenize
     records = [{"document": None, "summary": "x"}, {"document": " ", "summary": "x"},
                {"document": "Kept.", "summary": "y"}]
     assert features.seq2seq_data(records, bart_tokenizer, "document", "summary", 16, 8, "train").stats.empty == 2
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, bart_tokenizer):
-    directory = tmp_path_factory.mktemp("tiny-bart")
-    save_hf_model(hf_model("BartForConditionalGeneration", seed=0, vocab_size=50265, encoder_layers=1,
-                           decoder_layers=1), directory)
-    bart_tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def write_jsonl(path, records):
