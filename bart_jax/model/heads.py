@@ -138,7 +138,8 @@ class BartForConditionalGeneration(BartModule):
                                  output_hidden_states, deterministic)
 
     def project_cross_key_values(self, encoder_hidden_states: Array) -> tuple[dict[str, Array], ...]:
-        """encoder_hidden_states [batch, source, d_model] -> per layer {"key","value"} [batch, heads, source, head_dim]."""
+        """encoder_hidden_states [batch, source, d_model] -> per layer {"key", "value"}, in the layout
+        of this model's kernels (`BartAttention.project_key_value`)."""
         return self.model.decoder.project_cross_key_values(encoder_hidden_states)
 
     def decode_step(
@@ -152,7 +153,8 @@ class BartForConditionalGeneration(BartModule):
         """One incremental decoder call over a static cache.
 
         decoder_input_ids [rows, length] written at positions cache_index.. cache_index+length-1;
-        cross_key_values per layer [batch, heads, source, head_dim] with rows = batch * beams;
+        cross_key_values from `project_cross_key_values` (rows = batch * beams share them); the cache
+        from `init_cache` with this model's kernel policy;
         encoder_attention_mask [batch, source]. Returns (float32 logits [rows, length, vocab], new cache).
         """
         outputs = self.model.decode(

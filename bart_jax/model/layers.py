@@ -119,7 +119,8 @@ class BartDecoderLayer(FeedForwardMixin, LayerModule):
         self.residual_dropout = nn.Dropout(config.dropout)
 
     def project_cross_key_value(self, encoder_hidden_states: Array) -> dict[str, Array]:
-        """encoder_hidden_states [batch, source, d_model] -> {"key","value"} [batch, heads, source, head_dim]."""
+        """encoder_hidden_states [batch, source, d_model] -> {"key", "value"} in the layout of the
+        kernels (`BartAttention.project_key_value`)."""
         return self.encoder_attn.project_key_value(encoder_hidden_states)
 
     def __call__(

@@ -8,11 +8,12 @@ checkpoint conversion is a fixed table (bart_jax/checkpoints/conversion.py). Eve
 Input ids are right-padded; positions are `past_length + arange(length)` (offset by 2 in the
 position table, as in fairseq/transformers), never derived from the padding mask.
 
-Two attributes of every module trade compile time and memory, not results:
+Three attributes of every module trade speed, compile time and memory, not results:
 `scan_layers=True` runs each layer stack as one `nn.scan` over parameters stacked under
 `layers` (leading layer axis; `checkpoints.conversion.stack_layers` / `unstack_layers` switch
-layouts), and `remat_policy` ("none", "full", "dots_saveable", ...) recomputes layer activations
-in the backward pass instead of keeping them (see `layers.REMAT_POLICIES`).
+layouts), `remat_policy` ("none", "full", "dots_saveable", ...) recomputes layer activations
+in the backward pass instead of keeping them (see `layers.REMAT_POLICIES`), and `kernels`
+("auto", "portable", "cpu") chooses the backend formulations (bart_jax/model/kernels/).
 """
 
 from __future__ import annotations
@@ -205,8 +206,9 @@ class BartDecoder(LayerStackMixin, BartModule):
     def project_cross_key_values(self, encoder_hidden_states: Array) -> tuple[dict[str, Array], ...]:
         """Each layer's cross-attention keys/values, computed once per source.
 
-        encoder_hidden_states [batch, source, d_model] -> tuple over layers of
-        {"key", "value"}: [batch, heads, source, head_dim].
+        encoder_hidden_states [batch, source, d_model] -> tuple over layers of {"key", "value"},
+        in the layout of the kernels: portable [batch, source, heads, head_dim]; CPU keys
+        [batch, heads, head_dim, source] and values [batch, heads, source, head_dim].
         """
         def step(layer, carry, _):
             return carry, layer.project_cross_key_value(encoder_hidden_states)

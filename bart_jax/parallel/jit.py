@@ -185,7 +185,8 @@ def jit_generate(module, mesh: Mesh, param_shardings: Any, generation_config, ru
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state_shapes: Any, rules: Rules = RULES, *,
-                   batch_axis: int = 0, indivisible: str = "error", donate_state: bool = True) -> Callable:
+                   batch_axis: int = 0, indivisible: str = "error", donate_state: bool = True,
+                   config: Optional[Any] = None) -> Callable:
     """A jitted `train_step(state, batch, dropout_rng) -> (state, metrics)`.
 
     state_shapes: the train state (arrays or `jax.eval_shape` structs: params, optimizer state,
@@ -194,7 +195,8 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_shapes: Any, rules: R
     [accumulation_steps, micro_batch, ...] batches) is split over the batch mesh axes.
     The new state keeps the old one's shardings and, with `donate_state`, reuses its buffers.
     Metrics are replicated. The returned function has `.state_shardings` (to place the initial
-    state with `put_sharded`) and `.lower` (for `memory_analysis`).
+    state with `put_sharded`) and `.lower` (for `memory_analysis`). With the model's `config`, the
+    token ids of host (numpy) batches are checked against its vocabulary and positions.
     """
     state_shardings = tree_shardings(state_shapes, mesh, rules, indivisible=indivisible)
     jitted = jit_sharded(
@@ -206,6 +208,11 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state_shapes: Any, rules: R
 
     def checked(state, batch, dropout_rng):
         check_batch(batch, mesh, rules, batch_axis)
+        if config is not None and isinstance(batch, dict):
+            # Device batches are left alone: reading them back would make every step wait.
+            host_ids = {name: np.reshape(value, (-1, np.shape(value)[-1])) for name, value in batch.items()
+                        if name in ID_ARGUMENTS and not isinstance(value, jax.Array)}
+            _check_ids(config, host_ids)
         return jitted(state, batch, dropout_rng)
 
     checked.state_shardings = state_shardings

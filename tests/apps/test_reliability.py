@@ -32,6 +32,7 @@ import warnings
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -305,6 +306,10 @@ BAD_CALLS = [
     BadCall("summarize-negative-merge-timeout", (*SUMMARIZE, "-o", "{tmp}/x.jsonl", "--process-id", "0",
                                                  "--num-processes", "1", "--merge-timeout", "-1"),
             "--merge-timeout must not be negative"),
+    python("jit-train-step-id-beyond-vocab", "input_ids holds ids outside the vocabulary [0, 99): [500]",
+           lambda lib: parallel.jit_train_step(lambda state, batch, rng: (state, {}), parallel.make_mesh(),
+                                               {"step": jnp.zeros((), jnp.int32)}, config=lib.lm.config)(
+               {"step": jnp.zeros((), jnp.int32)}, {"input_ids": np.array([[0, 500, 2]])}, jax.random.PRNGKey(0))),
     # warmup shapes that no input can have
     BadCall("warmup-length-zero", ("bart-jax", "warmup", "--lengths", "0", "--model", NEVER_LOADED),
             "0 is not a positive integer"),
