@@ -30,7 +30,7 @@ from bart_jax import parallel
 from bart_jax.apps.aot_report import cost_report, memory_report, roofline, text_line
 from bart_jax.apps.aot_search import find_max_batch
 from bart_jax.apps.chips import chip_for, parse_topology
-from bart_jax.apps.generation_flags import GENERATION_FLAGS
+from bart_jax.apps.generation_flags import GENERATION_FLAGS, chosen_options
 from bart_jax.config import BartConfig
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.generate import resolve_generation_config
@@ -93,14 +93,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 
 def generation_overrides(args: argparse.Namespace) -> dict:
-    options = {}
-    for flag, (name, _) in AOT_GENERATION_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            options[name] = value
-    if args.do_sample:
-        options["do_sample"] = True
-    return options
+    return chosen_options(args, AOT_GENERATION_FLAGS)
 
 
 def preset_directory(preset: str) -> str:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from bart_jax.apps import aot, benchmark, pipelines, summarize_job
 from bart_jax.apps.compilation_cache import enable_persistent_cache
 from bart_jax.apps.convert import main as convert_main
-from bart_jax.apps.generation_flags import GENERATION_FLAGS
+from bart_jax.apps.generation_flags import GENERATION_FLAGS, chosen_options
 from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, iter_summaries, source_limit, warmup
 from bart_jax.model.kernels import KERNELS
 from bart_jax.pretrained import load_pretrained
@@ -59,15 +59,9 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_options(args: argparse.Namespace) -> dict:
-    options = {}
-    for flag, (name, _) in GENERATION_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            options[name] = value
+    options = chosen_options(args)
     if args.early_stopping is not None:
         options["early_stopping"] = args.early_stopping
-    if args.do_sample:
-        options["do_sample"] = True
     return options
 
 

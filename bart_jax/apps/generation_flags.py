@@ -1,5 +1,10 @@
 """The generation options the commands take (`bart-jax summarize`, `warmup`, `aot`), by flag."""
 
+from __future__ import annotations
+
+import argparse
+from typing import Mapping
+
 # flag -> (GenerationConfig field, type)
 GENERATION_FLAGS = {
     "--num-beams": ("num_beams", int),
@@ -15,3 +20,15 @@ GENERATION_FLAGS = {
     "--top-k": ("top_k", int),
     "--top-p": ("top_p", float),
 }
+
+
+def chosen_options(args: argparse.Namespace, flags: Mapping[str, tuple[str, type]] = GENERATION_FLAGS) -> dict:
+    """The GenerationConfig fields given on the command line among `flags`, with `--do-sample`."""
+    options = {}
+    for flag, (name, _) in flags.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            options[name] = value
+    if getattr(args, "do_sample", None):
+        options["do_sample"] = True
+    return options
