@@ -178,20 +178,16 @@ def params_mesh(params) -> Optional[jax.sharding.Mesh]:
     return None
 
 
-_SHARDED_GENERATE: dict = {}
 
 
 def generation_function(model, config, mesh: Optional[jax.sharding.Mesh]) -> Callable:
     """`generate(params, input_ids, attention_mask, prng_key)` for `config`: `generate_static`
-    on one device, `parallel.jit_generate` (made once per module, mesh and config) on a mesh."""
+    on one device, `parallel.jit_generate` on a mesh."""
     if mesh is None:
         return lambda params, input_ids, attention_mask, key: generate_static(
             model.module, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), config, key)
-    cache_key = (model.module, mesh, config)
-    if cache_key not in _SHARDED_GENERATE:
-        shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, model.params)
-        _SHARDED_GENERATE[cache_key] = parallel.jit_generate(model.module, mesh, shardings, config)
-    return _SHARDED_GENERATE[cache_key]
+    shardings = jax.tree_util.tree_map(lambda leaf: leaf.sharding, model.params)
+    return parallel.jit_generate(model.module, mesh, shardings, config)
 
 
 def _model_mesh(model, batch_size: int, mesh: Optional[jax.sharding.Mesh]) -> Optional[jax.sharding.Mesh]:

@@ -155,8 +155,18 @@ def jit_generate(module, mesh: Mesh, param_shardings: Any, generation_config, ru
 
     generation_config: resolved (`bart_jax.generation.resolve_generation_config`).
     input_ids, attention_mask: [batch, source] int32, batch divisible by the batch shards.
+    Equal arguments give the same function, so that its compilations are reused by later calls
+    (every evaluation of a training run, every window of a summarization job).
     """
-    module = settled(module, mesh=mesh)
+    leaves, structure = jax.tree_util.tree_flatten(param_shardings)
+    return _jit_generate(settled(module, mesh=mesh), mesh, structure, tuple(leaves), generation_config,
+                         tuple(rules))
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_generate(module, mesh: Mesh, sharding_structure, sharding_leaves: tuple, generation_config,
+                  rules: Rules) -> Callable:
+    param_shardings = jax.tree_util.tree_unflatten(sharding_structure, sharding_leaves)
 
     def generate(params, input_ids, attention_mask, prng_key):
         return generate_static(module, params, input_ids, attention_mask, generation_config, prng_key)

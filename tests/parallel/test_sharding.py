@@ -24,6 +24,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from bart_jax import parallel
 from bart_jax.checkpoints import conversion
 from bart_jax.config import BartConfig
+from bart_jax.generation import resolve_generation_config
 from bart_jax.model import heads
 from bart_jax.model.cache import init_cache
 from bart_jax.model.layers import REMAT_POLICIES
@@ -239,3 +240,19 @@ def test_mesh_over_one_device():
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
     with pytest.raises(ValueError, match="needs 2 devices, there are 1"):
         parallel.make_mesh(data=2)
+
+
+def test_equal_generation_requests_reuse_one_sharded_function():
+    """jit_generate with equal arguments gives the same function, whose compilations later calls
+    (each evaluation of a training run, each window of a summarization job) then reuse."""
+    module = heads.head_class("BartForConditionalGeneration")(CONFIG)
+    params = params_of("BartForConditionalGeneration")
+    mesh = parallel.make_mesh()
+    config = resolve_generation_config(module, None, max_new_tokens=3)
+
+    def sharded(rules=parallel.RULES):
+        return parallel.jit_generate(module, mesh, parallel.tree_shardings(params, mesh), config, rules)
+
+    assert sharded() is sharded() and sharded() is sharded(list(parallel.RULES)), "an equal request built anew"
+    assert sharded() is not parallel.jit_generate(module, mesh, parallel.tree_shardings(params, mesh),
+                                                  config.replace(max_new_tokens=4)), "other options shared"
