@@ -126,11 +126,10 @@ class BartAttention(nn.Module):
         dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
         new_cache = None
         if cache is not None:
-            layout = cache_layout(cache)
-            if layout != kernel_policy.layout(self.kernels):
+            layout, expected = cache_layout(cache), kernel_policy.layout(self.kernels)
+            if layout != expected:
                 raise ValueError(f"the cache has the {layout} layout, but this model's kernels={self.kernels!r} "
-                                 f"read the {kernel_policy.layout(self.kernels)} one; create it with "
-                                 f"init_cache(..., kernels={self.kernels!r})")
+                                 f"read the {expected} one; create it with init_cache(..., kernels={self.kernels!r})")
             batch = ancestors.shape[0]
             queries = query.reshape(batch, -1, self.num_heads, self.head_dim)  # an input's beams side by side
             key = self._heads(self.k_proj(hidden_states))
@@ -147,11 +146,10 @@ class BartAttention(nn.Module):
             batch = key_value["key"].shape[0]
             # Fold beams into the query axis, so that shared keys/values are not repeated per beam.
             queries = query.reshape(batch, -1, self.num_heads, self.head_dim)
-            fused = not need_weights and rate == 0.0 and layout != "cpu"
-            if fused:
-                output = attend_output(queries, key_value["key"], key_value["value"], mask, self.dtype,
-                                       "portable" if layout == "portable" else self.kernels)
-                weights = None
+            policy = layout or self.kernels  # precomputed keys/values take the kernel of their layout
+            if not need_weights and rate == 0.0 and layout != "cpu":
+                output, weights = attend_output(queries, key_value["key"], key_value["value"], mask, self.dtype,
+                                                policy), None
             elif layout == "cpu":
                 output, weights = attend_transposed(queries.astype(self.dtype).transpose(0, 2, 1, 3),
                                                     key_value["key"], key_value["value"], mask, self.dtype, rate,
@@ -159,8 +157,8 @@ class BartAttention(nn.Module):
                 output = output.transpose(0, 2, 1, 3)
             else:
                 output, weights = attend(queries, key_value["key"], key_value["value"], mask, self.dtype, rate,
-                                         dropout_rng, "portable" if layout == "portable" else self.kernels)
-            if weights is not None:
+                                         dropout_rng, policy)
+            if need_weights:
                 weights = weights.reshape(batch, self.num_heads, rows // batch, query_length, -1)
                 weights = weights.transpose(0, 2, 1, 3, 4).reshape(rows, self.num_heads, query_length, -1)
         if not need_weights:

@@ -33,7 +33,6 @@ import jax
 from jax import lax
 
 KERNELS = ("auto", "portable", "cpu")
-LAYOUTS = ("portable", "cpu")
 
 
 def check_kernels(kernels: str) -> str:
