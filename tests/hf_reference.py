@@ -8,6 +8,7 @@ would hide a wrongly mapped bias or scale; `perturb` fills every tensor with see
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
 import shutil
 
@@ -96,6 +97,16 @@ def tiny_summarizer(directory, tokenizer_dir, seed: int, **overrides) -> pathlib
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         shutil.copy(pathlib.Path(tokenizer_dir) / name, directory / name)
     return directory
+
+
+def write_xsum_documents(path, count: int, with_ids: bool = False) -> list[str]:
+    """The first `count` documents of the shared XSum sample, written to `path` as JSON lines
+    ({"document"}, and {"id": "d<i>"} with `with_ids`), as summarize's end-to-end tests read them."""
+    with open(SHARED_DATA / "summarization" / "xsum_hf_fixture_sample.jsonl", encoding="utf-8") as f:
+        documents = [json.loads(line)["document"] for line in f][:count]
+    records = ({"document": d, **({"id": f"d{i}"} if with_ids else {})} for i, d in enumerate(documents))
+    pathlib.Path(path).write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return documents
 
 
 def random_batch(vocab_size: int, batch: int = 3, length: int = 11, seed: int = 0, eos_token_id: int = 2,

@@ -4,20 +4,18 @@ summaries, scores and command output equal to those of one device."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
-from hf_reference import SHARED_DATA, tiny_summarizer
+from hf_reference import tiny_summarizer, write_xsum_documents
 
 from bart_jax.apps.summarize import batch_buckets, bucket_batch
 from bart_jax.apps.summarize_job import job_mesh
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-XSUM = SHARED_DATA / "summarization" / "xsum_hf_fixture_sample.jsonl"
 
 
 def test_batches_are_bucketed_to_a_multiple_of_the_batch_shards():
@@ -36,9 +34,7 @@ def test_one_device_gets_no_mesh():
 @pytest.mark.slow
 def test_data_parallel_on_eight_devices_equals_one_device(tmp_path, tokenizer_dir):
     directory = tiny_summarizer(tmp_path / "model", tokenizer_dir, seed=11, max_position_embeddings=64)
-    with open(XSUM, encoding="utf-8") as f:
-        documents = [json.loads(line)["document"] for line in f][:6]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"document": d}) + "\n" for d in documents))
+    write_xsum_documents(tmp_path / "in.jsonl", 6)
     environment = {**os.environ, "JAX_PLATFORMS": "cpu",
                    "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
     result = subprocess.run([sys.executable, "tests/apps/multidevice_summarize.py", str(directory), str(tmp_path)],

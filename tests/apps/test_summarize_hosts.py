@@ -14,12 +14,11 @@ import subprocess
 import sys
 
 import pytest
-from hf_reference import SHARED_DATA, tiny_summarizer
+from hf_reference import tiny_summarizer, write_xsum_documents
 
 from bart_jax.apps import cli, summarize_hosts
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-XSUM = SHARED_DATA / "summarization" / "xsum_hf_fixture_sample.jsonl"
 WORDS = ("river", "council", "goal", "storm", "harvest", "museum", "bridge")
 
 
@@ -159,10 +158,7 @@ def test_parts_of_other_settings_are_refused(job, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_processes_of_four_devices_equal_one_process(tmp_path, tokenizer_dir):
     directory = tiny_summarizer(tmp_path / "model", tokenizer_dir, seed=11, max_position_embeddings=64)
-    with open(XSUM, encoding="utf-8") as f:
-        documents = [json.loads(line)["document"] for line in f][:5]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"document": d, "id": f"d{i}"}) + "\n"
-                                               for i, d in enumerate(documents)))
+    documents = write_xsum_documents(tmp_path / "in.jsonl", 5, with_ids=True)
     environment = {**os.environ, "JAX_PLATFORMS": "cpu",
                    "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
 
@@ -201,9 +197,7 @@ def test_two_processes_joined_by_jax_distributed_equal_one_process(tmp_path, tok
     """With --coordinator-address the processes start jax.distributed (as on a pod slice, where
     --distributed finds the same settings itself); each still summarizes on its own devices."""
     directory = tiny_summarizer(tmp_path / "model", tokenizer_dir, seed=12, max_position_embeddings=64)
-    with open(XSUM, encoding="utf-8") as f:
-        documents = [json.loads(line)["document"] for line in f][:4]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"document": d}) + "\n" for d in documents))
+    write_xsum_documents(tmp_path / "in.jsonl", 4)
     environment = {**os.environ, "JAX_PLATFORMS": "cpu",
                    "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"}
     with socket.socket() as probe:  # a free port on this machine for the coordinator
