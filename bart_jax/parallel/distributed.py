@@ -10,6 +10,7 @@ checkpoint on its host and uploads only its own devices' shards.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -39,6 +40,35 @@ def initialize(
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process_id must be in 0 .. {num_processes - 1}, got {process_id}")
     jax.distributed.initialize(**{name: value for name, value in given.items() if value is not None})
+
+
+def launched_by_cluster() -> bool:
+    """Whether a launcher that `jax.distributed.initialize()` reads by itself started this process
+    as one of several: SLURM, Open MPI, or a multi-host Cloud TPU slice."""
+    environment = os.environ
+    return (_count(environment.get("SLURM_NTASKS")) > 1 or _count(environment.get("OMPI_COMM_WORLD_SIZE")) > 1
+            or "," in environment.get("TPU_WORKER_HOSTNAMES", "")
+            or bool(environment.get("MEGASCALE_COORDINATOR_ADDRESS")))
+
+
+def _count(value: Optional[str]) -> int:
+    try:
+        return int(value) if value else 1
+    except ValueError:
+        return 1
+
+
+def initialize_if_needed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                         process_id: Optional[int] = None) -> bool:
+    """`initialize` when any argument is given or a cluster launcher started this process
+    (`launched_by_cluster`); True when it ran. A lone process on one host is left alone."""
+    given = (coordinator_address, num_processes, process_id)
+    if all(value is None for value in given) and not launched_by_cluster():
+        return False
+    if coordinator_address is not None and (num_processes is None or process_id is None):
+        raise ValueError("--coordinator_address needs --num_processes and --process_id")
+    initialize(coordinator_address, num_processes, process_id)
+    return True
 
 
 def process_rows(global_batch_size: int, mesh: Mesh, rules: Rules = RULES) -> slice:

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 
+from bart_jax.parallel.distributed import initialize_if_needed
 from bart_jax.training.arguments import TrainingArguments, parse_arguments
 from bart_jax.training.host_memory import keep_freed_host_memory, training_on_cpu
 from bart_jax.training.loop import NonFiniteLossError, train
@@ -39,10 +40,12 @@ def main(argv=None) -> int:
         package_logger.addHandler(handler)
         package_logger.setLevel(logging.INFO)
         package_logger.propagate = False
-    if training_on_cpu():
-        keep_freed_host_memory()
     try:
         arguments = parse_arguments(argv)
+        # Before any other JAX call: joins the run's other processes (TPU pod, GPU cluster, SLURM).
+        initialize_if_needed(arguments.coordinator_address, arguments.num_processes, arguments.process_id)
+        if training_on_cpu():
+            keep_freed_host_memory()
         results = train(arguments)
     except (ValueError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -53,8 +53,16 @@ class TrainingArguments:
                                           f"{', '.join(REMAT_POLICIES)}"})
     # --- data ------------------------------------------------------------------------------------
     train_file: Optional[str] = dataclasses.field(
-        default=None, metadata={"help": ".jsonl/.json/.csv/.tsv/.parquet file or saved dataset directory"})
+        default=None, metadata={"help": ".jsonl/.arrow/.parquet/.json/.csv/.tsv file, a glob of such files "
+                                        "(shards/*.jsonl) or a saved dataset directory"})
     validation_file: Optional[str] = dataclasses.field(default=None, metadata={"help": "evaluation data"})
+    dataset_name: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "a Hugging Face dataset (hub name or local dataset directory) instead of "
+                                        "--train_file; read with `datasets`, memory-mapped"})
+    dataset_config_name: Optional[str] = dataclasses.field(default=None, metadata={"help": "the dataset's config"})
+    train_split: str = dataclasses.field(default="train", metadata={"help": "--dataset_name's training split"})
+    validation_split: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "--dataset_name's evaluation split (e.g. validation)"})
     text_column: Optional[str] = dataclasses.field(
         default=None, metadata={"help": "input text column (dotted names reach into nested records)"})
     summary_column: Optional[str] = dataclasses.field(default=None, metadata={"help": "seq2seq target column"})
@@ -102,6 +110,12 @@ class TrainingArguments:
     max_steps: int = dataclasses.field(default=-1, metadata={"help": "updates to run; overrides num_train_epochs"})
     label_smoothing_factor: float = dataclasses.field(default=0.0, metadata={"help": "label smoothing epsilon"})
     seed: int = dataclasses.field(default=42, metadata={"help": "seed of init, data order, noise and dropout"})
+    # --- several processes (see bart_jax.parallel.distributed) ------------------------------------
+    coordinator_address: Optional[str] = dataclasses.field(
+        default=None, metadata={"help": "host:port of process 0, for runs over several processes; on Cloud TPU "
+                                        "pods, SLURM and Open MPI it is found by itself"})
+    num_processes: Optional[int] = dataclasses.field(default=None, metadata={"help": "processes in the run"})
+    process_id: Optional[int] = dataclasses.field(default=None, metadata={"help": "this process, 0 .. N-1"})
     mesh: Optional[str] = dataclasses.field(
         default=None, metadata={"help": "shard over all devices: data, fsdp, tensor, fsdp+tensor, ... "
                                         "(bart_jax.parallel presets); default: one device"})
@@ -172,7 +186,7 @@ class TrainingArguments:
                      "max_answer_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("eval_steps", "max_train_samples", "max_eval_samples", "num_labels", "num_beams",
+        for name in ("eval_steps", "max_train_samples", "max_eval_samples", "num_labels", "num_beams", "num_processes",
                      "val_max_target_length", "save_total_limit"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -185,18 +199,28 @@ class TrainingArguments:
     def check_complete(self) -> None:
         if not self.output_dir:
             raise ValueError("--output_dir is required")
-        if not self.train_file:
-            raise ValueError("--train_file is required")
+        if bool(self.train_file) == bool(self.dataset_name):
+            raise ValueError("pass exactly one of --train_file and --dataset_name")
+        if self.validation_file and self.validation_split:
+            raise ValueError("pass --validation_file or --validation_split (of --dataset_name), not both")
+        if self.validation_split and not self.dataset_name:
+            raise ValueError("--validation_split names a split of --dataset_name: pass --dataset_name")
+        if self.task == "denoise" and self.max_steps <= 0:
+            raise ValueError("denoising packs documents into blocks as it streams them, so an epoch's number of "
+                             "updates is unknown in advance: pass --max_steps")
         if bool(self.model_name_or_path) == bool(self.config_name):
             raise ValueError("pass exactly one of --model_name_or_path (fine-tune) and --config_name (from scratch)")
         self.validate()
-        if self.best_model_metric() and not self.validation_file:
+        if self.best_model_metric() and not self.has_validation_data():
             wanted = ("--load_best_model_at_end" if self.load_best_model_at_end else
                       "--early_stopping_patience" if self.early_stopping_patience else "--metric_for_best_model")
-            raise ValueError(f"{wanted} needs evaluations: pass --validation_file")
+            raise ValueError(f"{wanted} needs evaluations: pass --validation_file or --validation_split")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("--early_stopping_patience counts evaluations: pass --eval_steps")
         self.check_output_dir()
+
+    def has_validation_data(self) -> bool:
+        return bool(self.validation_file or self.validation_split)
 
     def check_output_dir(self) -> None:
         """Refuses an output_dir that is a file or lies under one, before any work."""
@@ -260,8 +284,9 @@ RESUMABLE_CHANGES = (
     "version_2_with_negative", "null_score_diff_threshold", "logging_steps", "save_steps", "save_total_limit",
     "async_checkpointing", "report_to", "disable_tqdm", "remat_policy", "profile_steps", "metric_for_best_model",
     "greater_is_better", "load_best_model_at_end", "early_stopping_patience", "early_stopping_threshold",
+    "validation_split", "coordinator_address", "num_processes", "process_id",
 )
-PATH_OPTIONS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file")
+PATH_OPTIONS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file", "dataset_name")
 
 
 def _report_to_names(value) -> list[str]:

@@ -1,56 +1,14 @@
-"""Batches in a deterministic order with a resumable position, padded to static shapes.
-
-Epoch e visits the training examples in the order `permutation(seed, e)` and cuts it into full
-batches (the incomplete rest is skipped, so every step has the same shapes). The position
-(epoch, batch index within the epoch) says which batch comes next; saved with a checkpoint,
-it lets a restarted run continue with exactly the next unseen batch.
-"""
+"""Batches padded to static shapes: examples collated into numpy arrays, and the evaluation
+order (training batches come from `training.pipeline`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator
 
 import numpy as np
 
 from bart_jax.model.losses import IGNORE_INDEX
 from bart_jax.training.features import TaskData
-
-
-@dataclasses.dataclass(frozen=True)
-class DataPosition:
-    """The next batch to read: batch `batch` of epoch `epoch`."""
-
-    epoch: int = 0
-    batch: int = 0
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DataPosition":
-        return cls(int(data["epoch"]), int(data["batch"]))
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """[num_examples] the example indices of `epoch`, shuffled by (seed, epoch) alone."""
-    return np.random.default_rng((seed, epoch)).permutation(num_examples)
-
-
-def training_batches(num_examples: int, batch_size: int, seed: int,
-                     start: DataPosition) -> Iterator[tuple[DataPosition, int, np.ndarray]]:
-    """Endless (position after this batch, epoch, [batch_size] example indices), from `start` on."""
-    batches_per_epoch = num_examples // batch_size
-    if batches_per_epoch == 0:
-        raise ValueError(f"the training data has {num_examples} examples, fewer than one batch of {batch_size}")
-    epoch, batch = start.epoch, start.batch
-    while True:
-        order = epoch_order(num_examples, seed, epoch)
-        while batch < batches_per_epoch:
-            indices = order[batch * batch_size:(batch + 1) * batch_size]
-            batch += 1
-            yield DataPosition(epoch, batch), epoch, indices
-        epoch, batch = epoch + 1, 0
 
 
 def evaluation_batches(num_examples: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -67,33 +25,45 @@ def _pad(rows: list[np.ndarray], length: int, value: int) -> np.ndarray:
     return out
 
 
-def collate(data: TaskData, indices: np.ndarray, epoch: int, pad_token_id: int) -> dict[str, np.ndarray]:
-    """A batch of numpy arrays with static shapes.
+def collate_examples(examples: list[dict], padded_lengths: dict[str, int], pad_token_id: int) -> dict[str, np.ndarray]:
+    """Examples (dicts of the same columns) as a batch of numpy arrays with static shapes.
 
-    indices: [batch] example indices, -1 for padding rows (which repeat example 0, so that the
-    model never sees an empty row, and are marked by `example_mask` [batch] float32 = 0).
-    Varying-length columns are padded to `data.padded_lengths` (labels with -100, ids with
-    pad); `attention_mask` [batch, source] marks the real input tokens.
+    Varying-length columns (those in `padded_lengths`) are padded to their length (labels with
+    -100, ids with pad); `attention_mask` [batch, source] marks the real input tokens; the other
+    columns are stacked; `example_mask` [batch] float32 is 1 (every example is real).
+    """
+    batch = {}
+    for name in sorted(examples[0]):
+        rows = [example[name] for example in examples]
+        if name in padded_lengths:
+            fill = IGNORE_INDEX if name == "labels" else pad_token_id
+            batch[name] = _pad(rows, padded_lengths[name], fill)
+            if name == "input_ids":
+                lengths = np.array([min(len(row), padded_lengths[name]) for row in rows])
+                positions = np.arange(padded_lengths[name])
+                batch["attention_mask"] = (positions[None] < lengths[:, None]).astype(np.int32)
+        else:
+            batch[name] = np.stack([np.asarray(row) for row in rows])
+    batch["example_mask"] = np.ones(len(examples), np.float32)
+    return batch
+
+
+def task_example(data: TaskData, index: int, epoch: int = 0) -> dict:
+    """Example `index` of `data` as a dict of its columns (noisy inputs made for `epoch`)."""
+    example = {name: values[index] for name, values in data.columns.items()}
+    if data.make_inputs is not None:
+        example["input_ids"] = data.make_inputs(epoch, index)
+    return example
+
+
+def collate(data: TaskData, indices: np.ndarray, epoch: int, pad_token_id: int) -> dict[str, np.ndarray]:
+    """A batch of `data`'s examples `indices` ([batch], -1 for padding rows) with static shapes.
+
+    Padding rows repeat example 0, so that the model never sees an empty row, and are marked by
+    `example_mask` [batch] float32 = 0. See `collate_examples`.
     """
     real = indices >= 0
     safe = np.where(real, indices, 0)
-    columns = dict(data.columns)
-    if data.make_inputs is not None:
-        columns["input_ids"] = None
-    batch = {}
-    for name in sorted(columns):
-        if name in data.padded_lengths:
-            if name == "input_ids" and data.make_inputs is not None:
-                rows = [data.make_inputs(epoch, int(i)) for i in safe]
-            else:
-                rows = [columns[name][int(i)] for i in safe]
-            fill = IGNORE_INDEX if name == "labels" else pad_token_id
-            batch[name] = _pad(rows, data.padded_lengths[name], fill)
-            if name == "input_ids":
-                lengths = np.array([min(len(row), data.padded_lengths[name]) for row in rows])
-                positions = np.arange(data.padded_lengths[name])
-                batch["attention_mask"] = (positions[None] < lengths[:, None]).astype(np.int32)
-        else:
-            batch[name] = np.stack([np.asarray(columns[name][int(i)]) for i in safe])
+    batch = collate_examples([task_example(data, int(i), epoch) for i in safe], data.padded_lengths, pad_token_id)
     batch["example_mask"] = real.astype(np.float32)
     return batch

@@ -1,5 +1,6 @@
-"""Checkpoints with orbax: the train state, the data position and the dropout key, saved
-together per step under `<output_dir>/checkpoints/<step>`.
+"""Checkpoints with orbax: the train state, the dropout key and the input pipeline's position
+(each process's, through grain's orbax handler), saved together per step under
+`<output_dir>/checkpoints/<step>`.
 
 orbax writes a checkpoint into a temporary directory and renames it into place only once every
 file is written (atomic finalize), so a crash while saving leaves the previous checkpoint as the
@@ -25,6 +26,7 @@ import os
 import shutil
 from typing import Any, Optional
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -59,8 +61,25 @@ def state_checksums(state: Any) -> dict[str, str]:
     return checksums
 
 
+class _PipelineState:
+    """A process's input pipeline position as grain's orbax handler saves and restores it: JSON,
+    one file per process (`process_<i>-of-<n>.json`), since each process reads its own rows."""
+
+    def __init__(self, state: Any = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        """Called by the handler after a restore: a saved position has nothing to prefetch."""
+
+
 class Checkpointer:
-    """Saves and restores (train state, {"data": position, "rng": key}) by step."""
+    """Saves and restores (train state, {"rng": key, ...}, input pipeline position) by step."""
 
     def __init__(self, output_dir: str, max_to_keep: Optional[int] = 3, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
@@ -68,7 +87,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = os.path.abspath(os.path.join(output_dir, CHECKPOINT_DIR))
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "progress"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "progress", "data"))
 
     def latest_step(self) -> Optional[int]:
         """The step of the newest complete checkpoint, or None."""
@@ -77,29 +96,31 @@ class Checkpointer:
     def step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, step: int, state: Any, progress: dict) -> None:
-        """Starts saving (in the background when async); `progress` is JSON (data position, rng),
-        stored with the checksums of `state`."""
+    def save(self, step: int, state: Any, progress: dict, data: Any) -> None:
+        """Starts saving (in the background when async); `progress` is JSON (rng, ...), stored
+        with the checksums of `state`; `data` is this process's input pipeline state (JSON)."""
         progress = {**progress, CHECKSUMS: state_checksums(state)}
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         progress=ocp.args.JsonSave(progress)), force=True)
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress),
+            data=grain.checkpoint.CheckpointSave(_PipelineState(data))), force=True)
 
-    def restore(self, step: int, like_state: Any) -> tuple[Any, dict]:
-        """(state with the structure, shapes and dtypes of `like_state`, progress) of `step`,
-        checked against the checksums saved with it. Raises CheckpointError naming the step and
-        its path when it cannot be restored or does not match."""
+    def restore(self, step: int, like_state: Any) -> tuple[Any, dict, Any]:
+        """(state with the structure, shapes and dtypes of `like_state`, progress, input pipeline
+        state) of `step`, checked against the checksums saved with it. Raises CheckpointError
+        naming the step and its path when it cannot be restored or does not match."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
         path = self.step_path(step)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore(),
+                data=grain.checkpoint.CheckpointRestore(_PipelineState())))
         except Exception as error:  # noqa: BLE001 - orbax, tensorstore and json report damage in many types
             # The first line, without the tensorstore spec some errors append (hundreds of lines).
             reason = (str(error).split(" See full TensorStore details")[0].strip().splitlines() or [""])[0]
             raise CheckpointError(f"the checkpoint of step {step} in {path} cannot be restored "
                                   f"({type(error).__name__}: {reason[:300]})") from error
         progress = restored.progress if isinstance(restored.progress, dict) else {}
-        if not {"data", "rng"} <= set(progress):
+        if "rng" not in progress:
             raise CheckpointError(f"the checkpoint of step {step} in {path} has no valid progress record")
         saved = progress.pop(CHECKSUMS, None)
         if saved is None:  # written before checksums were kept
@@ -110,10 +131,10 @@ class Checkpointer:
             if differing:
                 raise CheckpointError(f"the checkpoint of step {step} in {path} is corrupt: {len(differing)} "
                                       f"array(s) differ from what was saved ({', '.join(differing[:4])})")
-        return restored.state, progress
+        return restored.state, progress, restored.data.state
 
-    def restore_latest(self, like_state: Any) -> Optional[tuple[int, Any, dict]]:
-        """(step, state, progress) of the newest checkpoint that restores and verifies, or None
+    def restore_latest(self, like_state: Any) -> Optional[tuple[int, Any, dict, Any]]:
+        """(step, state, progress, input pipeline state) of the newest checkpoint that restores and verifies, or None
         when there is none. Newer damaged checkpoints are skipped with a warning and set aside
         (renamed `corrupt-step-<step>`), so that training saves those steps again; when no
         checkpoint verifies, CheckpointError names each and nothing is moved."""
@@ -121,7 +142,7 @@ class Checkpointer:
         failures = []
         for step in steps:
             try:
-                state, progress = self.restore(step, like_state)
+                state, progress, data = self.restore(step, like_state)
             except CheckpointError as error:
                 logger.warning("skipping the checkpoint of step %d: %s", step, error)
                 failures.append((step, error))
@@ -130,7 +151,7 @@ class Checkpointer:
                 self._set_aside(skipped)
             if failures:
                 self._manager.reload()
-            return step, state, progress
+            return step, state, progress, data
         if failures:
             raise CheckpointError(f"no checkpoint in {self.directory} can be restored: "
                                   + "; ".join(str(error) for _, error in failures)
@@ -150,7 +171,7 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"bart_jax set aside step {step}")
 
     def progress(self, step: int) -> dict:
-        """The progress record (data position, dropout key) of `step` alone."""
+        """The progress record (dropout key, best-model tracking) of `step` alone."""
         progress = self._manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())).progress
         progress.pop(CHECKSUMS, None)
         return progress
@@ -185,14 +206,15 @@ def prepare_output_dir(output_dir: str, run_config: dict[str, Any], overwrite: b
     checkpoint_dir = os.path.join(output_dir, CHECKPOINT_DIR)
     has_checkpoints = os.path.isdir(checkpoint_dir) and any(
         name.isdigit() for name in os.listdir(checkpoint_dir))
-    if overwrite:
+    main_process = jax.process_index() == 0  # on a shared file system, one process changes it
+    if overwrite and main_process:
         for name in (CHECKPOINT_DIR, RUN_CONFIG_FILE, "metrics.jsonl"):
             path = os.path.join(output_dir, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    elif has_checkpoints:
+    elif has_checkpoints and not overwrite:
         if not os.path.isfile(config_path):
             raise ValueError(f"{output_dir} holds checkpoints of an unknown run (no {RUN_CONFIG_FILE}); "
                              f"pass --overwrite_output_dir to replace them or choose another --output_dir")
@@ -204,6 +226,9 @@ def prepare_output_dir(output_dir: str, run_config: dict[str, Any], overwrite: b
             details = ", ".join(f"{key}: {previous.get(key)!r} -> {run_config.get(key)!r}" for key in differing)
             raise ValueError(f"{output_dir} holds checkpoints of a different run ({details}); pass "
                              f"--overwrite_output_dir to replace them or choose another --output_dir")
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(run_config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    if main_process:
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(run_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("bart_jax output_dir prepared")

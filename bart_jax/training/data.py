@@ -92,14 +92,15 @@ def _read_saved_dataset(path: str) -> list[Record]:
     return dataset.to_list()
 
 
-def column_values(records: list[Record], column: str, source: str = "data") -> list[Any]:
-    """The values of `column` (dotted names reach into nested records) in every record.
+def column_values(records: list[Record], column: str, source: str = "data", first_index: int = 0) -> list[Any]:
+    """The values of `column` (dotted names reach into nested records) in every record
+    (`first_index`: the number of the first record, for messages).
 
     Raises ValueError naming the available columns when a record lacks the column; a
     present but empty value (None, "") is returned as is for the caller to count and drop.
     """
     values = []
-    for index, record in enumerate(records):
+    for index, record in enumerate(records, first_index):
         value: Any = record
         for part in column.split("."):
             if not isinstance(value, dict) or part not in value:

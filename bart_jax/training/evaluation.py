@@ -10,6 +10,7 @@ import numpy as np
 
 from bart_jax import parallel
 from bart_jax.generation import generate, resolve_generation_config
+from bart_jax.parallel.distributed import to_host
 from bart_jax.training import metrics, qa
 from bart_jax.training.batching import collate, evaluation_batches
 from bart_jax.training.features import TaskData
@@ -36,6 +37,10 @@ def evaluate(task: str, eval_step: Callable, params: Any, data: TaskData, model:
         sharded_generate = parallel.jit_generate(model.module, mesh, jax.tree.map(lambda x: x.sharding, params), config)
     for indices in evaluation_batches(len(data), batch_size):
         batch = collate(data, indices, EVALUATION_EPOCH, pad_token_id)
+        if mesh is not None and jax.process_count() > 1:
+            # Every process holds the whole validation batch: placed shard by shard here, since
+            # JAX refuses host arrays for sharded inputs when there are several processes.
+            batch = jax.device_put(batch, parallel.batch_sharding(mesh))
         result = eval_step(params, batch)
         loss_sum += float(result["loss_sum"])
         weight += float(result["weight"])
@@ -47,7 +52,9 @@ def evaluate(task: str, eval_step: Callable, params: Any, data: TaskData, model:
             if sharded_generate is not None:
                 output = sharded_generate(params, np.asarray(batch["input_ids"], np.int32),
                                           np.asarray(batch["attention_mask"], np.int32))
-                generated = np.asarray(output.sequences)[:, :int(np.max(np.asarray(output.lengths)))]
+                sequences, lengths = ((output.sequences, output.lengths) if jax.process_count() == 1
+                                      else to_host((output.sequences, output.lengths)))
+                generated = np.asarray(sequences)[:, :int(np.max(np.asarray(lengths)))]
             else:
                 generated = generate(model.module, params, batch["input_ids"], batch["attention_mask"],
                                      model.generation_config, **(generation_options or {}))

@@ -80,13 +80,13 @@ def _ids(encodings) -> list[np.ndarray]:
     return [np.asarray(encoding.ids, np.int32) for encoding in encodings]
 
 
-def text_values(records: list[Record], column: str, source: str) -> list[Any]:
+def text_values(records: list[Record], column: str, source: str, first_index: int = 0) -> list[Any]:
     """The values of a text column (`column_values`), each a string or empty (None, blank).
 
     A number, list or mapping would otherwise be trained on as its `str()`, silently.
     """
-    values = column_values(records, column, source)
-    for index, value in enumerate(values):
+    values = column_values(records, column, source, first_index)
+    for index, value in enumerate(values, first_index):
         if not isinstance(value, str) and not is_empty_text(value):
             raise ValueError(f"{source}: example {index} has {type(value).__name__} {_shorten(value)} in text column "
                              f"{column!r}; expected a string")
@@ -277,3 +277,44 @@ def classification_data(records: list[Record], tokenizer: BartTokenizer, text_co
     stats = DataStats(len(records), len(records) - len(keep), int(truncated.sum()))
     return TaskData({"input_ids": _ids(encodings), "labels": list(label_array)}, {"input_ids": max_length}, stats,
                     references=list(label_array))
+
+
+# --- per-record featurizers of the streaming pipeline (training.pipeline) ------------------------
+def _truncating_backend(tokenizer: BartTokenizer, max_length: Optional[int]) -> Tokenizer:
+    """A private backend whose truncation is set once: encoding with it from several threads is safe."""
+    backend = own_backend(tokenizer)
+    if max_length is not None:
+        backend.enable_truncation(max_length)
+    return backend
+
+
+def seq2seq_featurizer(tokenizer: BartTokenizer, text_column: str, summary_column: str, max_source_length: int,
+                       max_target_length: int, source: str) -> Callable[[int, Record], Optional[dict]]:
+    """(index, record) -> {"input_ids", "labels"} as `seq2seq_data` makes them, or None when either
+    is empty."""
+    sources, targets = (_truncating_backend(tokenizer, length) for length in (max_source_length, max_target_length))
+
+    def featurize(index: int, record: Record) -> Optional[dict]:
+        text = text_values([record], text_column, source, index)[0]
+        target = text_values([record], summary_column, source, index)[0]
+        if is_empty_text(text) or is_empty_text(target):
+            return None
+        return {"input_ids": np.asarray(sources.encode(text).ids, np.int32),
+                "labels": np.asarray(targets.encode(target).ids, np.int32)}
+
+    return featurize
+
+
+def document_featurizer(tokenizer: BartTokenizer, text_column: str, source: str) -> Callable[[int, Record], Optional[np.ndarray]]:
+    """(index, record) -> [tokens + 1] the document's token ids ending in `</s>` (a stream piece for
+    packing), or None when it is empty."""
+    backend = _truncating_backend(tokenizer, None)
+
+    def featurize(index: int, record: Record) -> Optional[np.ndarray]:
+        text = text_values([record], text_column, source, index)[0]
+        if is_empty_text(text):
+            return None
+        ids = backend.encode(text).ids  # <s> text </s>
+        return np.asarray(ids[1:], np.int32)
+
+    return featurize

@@ -1,7 +1,7 @@
 """The training loop: data, model, optimizer, checkpoints, evaluation, logging and export.
 
 Resuming: when `output_dir` holds checkpoints of the same run (same run settings), the newest
-one is restored — params, optimizer state, step, dropout key and data position — and training
+one is restored — params, optimizer state, step, dropout key and input pipeline position — and training
 continues with the next unseen batch, so an interrupted run ends with the same weights as an
 uninterrupted one.
 """
@@ -23,11 +23,10 @@ from bart_jax.checkpoints.hub import resolve_model_directory
 from bart_jax.config import BartConfig
 from bart_jax.model.kernels import settled
 from bart_jax.model.losses import IGNORE_INDEX
+from bart_jax.parallel.distributed import global_batch, process_rows, to_host
 from bart_jax.parallel.mesh import preset_mesh
-from bart_jax.training import checkpointing, features, noise, qa
+from bart_jax.training import checkpointing, features
 from bart_jax.training.arguments import RESUMABLE_CHANGES, TrainingArguments
-from bart_jax.training.batching import DataPosition, collate, training_batches
-from bart_jax.training.data import column_values, read_records
 from bart_jax.training.evaluation import evaluate
 from bart_jax.training.models import (
     HF_MODEL_DIR,
@@ -40,6 +39,7 @@ from bart_jax.training.models import (
 )
 from bart_jax.training.objectives import TASK_HEADS, make_objective
 from bart_jax.training.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
+from bart_jax.training.pipeline import training_dataset
 from bart_jax.training.reporting import (
     METRICS_FILE,
     PROFILE_DIR,
@@ -47,6 +47,18 @@ from bart_jax.training.reporting import (
     MetricsLog,
     StepProfiler,
     resolve_integrations,
+)
+from bart_jax.training.run_data import (
+    EVALUATION_SEED_OFFSET,
+    STREAMED_TASKS,
+    TrainingExamples,
+    build_task_data,
+    label_scheme,
+    records_of,
+    training_examples,
+    training_source,
+    training_source_name,
+    validation_records,
 )
 from bart_jax.training.selection import PROGRESS_KEY, BestModelTracker, checkpoint_params, prune_checkpoints
 from bart_jax.training.train_step import (
@@ -58,8 +70,6 @@ from bart_jax.training.train_step import (
 
 logger = logging.getLogger(__name__)
 
-# The validation split's denoising noise is drawn with the training seed plus this.
-EVALUATION_SEED_OFFSET = 1
 # What a run writes in output_dir (overwrite_output_dir deletes the first three).
 OUTPUT_NAMES = (checkpointing.CHECKPOINT_DIR, checkpointing.RUN_CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR,
                 PROFILE_DIR, MODEL_DIR, HF_MODEL_DIR)
@@ -92,35 +102,6 @@ def _base_config(arguments: TrainingArguments) -> BartConfig:
     if arguments.model_name_or_path:
         return BartConfig.from_pretrained(resolve_model_directory(arguments.model_name_or_path))
     return config_from_name(arguments.config_name)[0]
-
-
-def _label_scheme(arguments: TrainingArguments, records: list, base: BartConfig) -> features.LabelScheme:
-    labels = column_values(records, arguments.column("label_column"), arguments.train_file)
-    names = [name for _, name in base.id2label]
-    default_names = all(name == f"LABEL_{i}" for i, name in enumerate(names))
-    return features.infer_label_scheme([label for label in labels if label not in (None, "")],
-                                       arguments.problem_type, arguments.num_labels,
-                                       () if default_names else names)
-
-
-def build_task_data(arguments: TrainingArguments, records: list, tokenizer, scheme, seed: int,
-                    source: str) -> features.TaskData:
-    """The features of one split for `arguments.task`."""
-    task, column = arguments.task, arguments.column
-    if task == "seq2seq":
-        return features.seq2seq_data(records, tokenizer, column("text_column"), column("summary_column"),
-                                     arguments.max_source_length, arguments.max_target_length, source)
-    if task == "denoise":
-        config = noise.NoiseConfig(arguments.mask_ratio, arguments.random_ratio, arguments.poisson_lambda,
-                                   arguments.permute_sentence_ratio, arguments.deletion_ratio,
-                                   arguments.insert_ratio, arguments.rotate_ratio)
-        return features.denoising_data(records, tokenizer, column("text_column"), arguments.max_source_length,
-                                       config, seed, source)
-    if task == "classify":
-        return features.classification_data(records, tokenizer, column("text_column"), column("text_pair_column"),
-                                            column("label_column"), arguments.max_seq_length, scheme, source)
-    return qa.qa_data(records, tokenizer, column("question_column"), column("context_column"),
-                      column("answer_column"), arguments.max_seq_length, source)
 
 
 def _check_lengths(arguments: TrainingArguments, config: BartConfig) -> None:
@@ -178,43 +159,54 @@ class _Setup:
     """What a run trains on: the model, the data and the number of steps."""
 
     model: TrainingModel
-    train_data: features.TaskData
+    train: TrainingExamples
     eval_data: Optional[features.TaskData]
     batch_size: int  # examples per update, over all devices and micro-batches
-    steps_per_epoch: int
+    steps_per_epoch: Optional[int]  # None for denoising: documents are packed as they stream
     total_steps: int
 
 
 def _set_up(arguments: TrainingArguments, batch_size: int, init_key: jax.Array) -> _Setup:
-    """Reads the data, loads the model and counts the steps."""
+    """Opens the data, loads the model and counts the steps."""
     task = arguments.task
-    train_records = read_records(arguments.train_file)[: arguments.max_train_samples]
-    eval_records = (read_records(arguments.validation_file)[: arguments.max_eval_samples]
-                    if arguments.validation_file else None)
+    source = training_source(arguments)
+    records = None if task in STREAMED_TASKS else records_of(source)
+    eval_records = validation_records(arguments)
     config_changes = parse_config_overrides(arguments.config_overrides)
     scheme = None
     if task == "classify":
-        scheme = _label_scheme(arguments, train_records, _base_config(arguments))
+        scheme = label_scheme(arguments, records, _base_config(arguments))
         config_changes.update(id2label=dict(enumerate(scheme.names)), problem_type=scheme.problem_type)
     model = load_training_model(arguments.model_name_or_path, arguments.config_name, TASK_HEADS[task],
                                 config_changes, arguments.dtype, arguments.tokenizer_name, init_key,
                                 arguments.remat_policy, arguments.scan_layers)
     _check_lengths(arguments, model.config)
-    train_data = build_task_data(arguments, train_records, model.tokenizer, scheme, arguments.seed,
-                                 arguments.train_file)
-    logger.info(train_data.stats.describe("training data"))
+    train_examples = training_examples(arguments, source, records, model.tokenizer, scheme)
+    name = training_source_name(arguments)
+    logger.info("training data: %s, %d %s", name, train_examples.num_examples,
+                "documents" if task == "denoise" else "examples")
     eval_data = None
     if eval_records is not None:
         eval_data = build_task_data(arguments, eval_records, model.tokenizer, scheme,
-                                    arguments.seed + EVALUATION_SEED_OFFSET, arguments.validation_file)
+                                    arguments.seed + EVALUATION_SEED_OFFSET,
+                                    arguments.validation_file or arguments.validation_split)
         logger.info(eval_data.stats.describe("validation data"))
-    steps_per_epoch = len(train_data) // batch_size
+    steps_per_epoch = None if task == "denoise" else train_examples.num_examples // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{arguments.train_file} has {len(train_data)} usable examples, fewer than one batch of "
-                         f"{batch_size}")
+        raise ValueError(f"{name} has {train_examples.num_examples} examples, fewer than one batch of {batch_size}")
     total_steps = (arguments.max_steps if arguments.max_steps > 0
                    else math.ceil(arguments.num_train_epochs * steps_per_epoch))
-    return _Setup(model, train_data, eval_data, batch_size, steps_per_epoch, total_steps)
+    return _Setup(model, train_examples, eval_data, batch_size, steps_per_epoch, total_steps)
+
+
+def batch_rows(batch_size: int, accumulation_steps: int, mesh: Optional[Any]) -> list[int]:
+    """The rows of each global batch ([accumulation * micro]) that this process builds: its
+    devices' rows of every micro-batch (all rows without a mesh)."""
+    if mesh is None:
+        return list(range(batch_size))
+    micro = batch_size // accumulation_steps
+    rows = process_rows(micro, mesh)
+    return [step * micro + row for step in range(accumulation_steps) for row in range(rows.start, rows.stop)]
 
 
 def train(arguments: TrainingArguments) -> dict[str, Any]:
@@ -257,17 +249,19 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
     checkpointer = checkpointing.Checkpointer(arguments.output_dir,
                                               arguments.save_total_limit if tracker is None else None,
                                               arguments.async_checkpointing)
-    position = DataPosition()
+    # This process's rows of every global batch, read, tokenised and packed as training goes.
+    rows = batch_rows(batch_size, arguments.gradient_accumulation_steps, mesh)
+    batches = iter(training_dataset(setup.train.examples, rows, batch_size, arguments.seed,
+                                    setup.train.padded_lengths, model.config.pad_token_id, setup.train.packing))
     # The newest checkpoint that verifies: damaged newer ones are skipped with a warning.
     restored = checkpointer.restore_latest(state)
     if restored is not None:
-        latest, state, progress = restored
-        position = DataPosition.from_dict(progress["data"])
+        latest, state, progress, data_state = restored
+        batches.set_state(data_state)
         dropout_key = checkpointing.key_from_json(progress["rng"])
         if tracker is not None:
             tracker.restore(progress.get(PROGRESS_KEY))
-        logger.info("resumed from the checkpoint of step %d (epoch %d, batch %d)", latest, position.epoch,
-                    position.batch)
+        logger.info("resumed from the checkpoint of step %d", latest)
     step = int(state.step)
     log = MetricsLog(arguments.output_dir, arguments.report_to, config=dataclasses.asdict(arguments))
     log.truncate_after(step)
@@ -281,8 +275,8 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
             null_score_threshold=arguments.null_score_diff_threshold, mesh=mesh,
         )
 
-    logger.info("training %s for %d steps of %d examples (%d per epoch) from step %d", model.head,
-                setup.total_steps, batch_size, setup.steps_per_epoch, step)
+    logger.info("training %s for %d steps of %d examples (%s per epoch) from step %d", model.head,
+                setup.total_steps, batch_size, setup.steps_per_epoch or "documents packed,", step)
     last_logged: dict[str, Any] = {}
     last_evaluation_step = None
     stopped = tracker is not None and tracker.stopped
@@ -290,23 +284,28 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
         logger.info("the run stopped early at step %d: not training further", step)
     window = _Window()
     profiler = StepProfiler(arguments.output_dir, arguments.profile_range())
-    batches = training_batches(len(setup.train_data), batch_size, arguments.seed, position)
-    progress_bar = tqdm(total=setup.total_steps, initial=step, disable=arguments.disable_tqdm, desc="training")
+    progress_bar = tqdm(total=setup.total_steps, initial=step, desc="training",
+                        disable=arguments.disable_tqdm or jax.process_index() != 0)
+    # Tokens of this process's rows, scaled to the global batch.
+    global_share = batch_size / len(rows)
 
     def training_entry() -> dict[str, Any]:
         # Also before every save: only states with finite losses are saved.
-        entry = {**window.summary(), "epoch": position.epoch + position.batch / setup.steps_per_epoch}
+        entry = window.summary()
+        if setup.steps_per_epoch:
+            entry["epoch"] = step / setup.steps_per_epoch
         progress_bar.set_postfix(loss=f"{entry['loss']:.4f}")
         return entry
 
     try:
         while step < setup.total_steps and not stopped:
-            position, epoch, indices = next(batches)
-            batch = collate(setup.train_data, indices, epoch, model.config.pad_token_id)
-            tokens = _count_tokens(batch)
+            batch = next(batches)
+            tokens = round(_count_tokens(batch) * global_share)
+            batch = _stack_micro_batches(batch, arguments.gradient_accumulation_steps)
+            if mesh is not None:  # global arrays from every process's rows
+                batch = global_batch(batch, mesh, batch_axis=1)
             profiler.before_step(step + 1)
-            state, step_metrics = train_step(state, _stack_micro_batches(batch, arguments.gradient_accumulation_steps),
-                                             dropout_key)
+            state, step_metrics = train_step(state, batch, dropout_key)
             step += 1
             profiler.after_step(step, state)
             window.add(step, step_metrics, tokens)
@@ -332,10 +331,10 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
                 log.write(step, entry)
                 last_logged = entry
             if is_save:
-                progress = {"data": position.to_dict(), "rng": checkpointing.key_to_json(dropout_key)}
+                progress = {"rng": checkpointing.key_to_json(dropout_key)}
                 if tracker is not None:
                     progress[PROGRESS_KEY] = tracker.to_dict()
-                checkpointer.save(step, state, progress)
+                checkpointer.save(step, state, progress, batches.get_state())
                 if tracker is not None and jax.process_index() == 0:
                     prune_checkpoints(checkpointer.directory, arguments.save_total_limit, step, [tracker.best_step])
     except NonFiniteLossError as error:
@@ -345,6 +344,7 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
                 else "no checkpoint was saved")
         raise NonFiniteLossError(f"{error}; stopping ({kept}). Try a lower learning rate or float32.") from None
     finally:
+        batches.close()  # stops the pipeline's prefetch thread
         profiler.stop()
         progress_bar.close()
         # Also on an interruption: let a background save finish so that it is not lost.
@@ -367,8 +367,11 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
             logger.info("exporting the best model, of step %d (%s %.6g)", tracker.best_step, tracker.metric,
                         tracker.best_value)
     log.close()
-    model_dir, hf_dir = export_model(model, params, arguments.output_dir)
-    logger.info("saved the trained model to %s and %s", model_dir, hf_dir)
+    if jax.process_count() > 1:  # parameters split over processes, gathered whole on each
+        params = to_host(params)
+    if jax.process_index() == 0:
+        model_dir, hf_dir = export_model(model, params, arguments.output_dir)
+        logger.info("saved the trained model to %s and %s", model_dir, hf_dir)
     results["step"] = step
     return results
 

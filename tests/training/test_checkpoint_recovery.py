@@ -30,7 +30,11 @@ def state_of(step: int) -> dict:
 
 
 def progress_of(step: int) -> dict:
-    return {"data": {"epoch": 0, "batch": step}, "rng": [0, step]}
+    return {"rng": [0, step]}
+
+
+def pipeline_of(step: int) -> dict:
+    return {"rows": [{"examples": {"next_index": step}}]}
 
 
 def files_under(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -75,7 +79,7 @@ def two_checkpoints(tmp_path):
     """An output directory with the checkpoints of steps 1 and 2."""
     checkpointer = checkpointing.Checkpointer(str(tmp_path), async_save=False)
     for step in (1, 2):
-        checkpointer.save(step, state_of(step), progress_of(step))
+        checkpointer.save(step, state_of(step), progress_of(step), pipeline_of(step))
     checkpointer.close()
     return tmp_path
 
@@ -95,8 +99,9 @@ def assert_same_tree(found, expected):
 
 def test_checkpoints_restore_with_their_progress_and_verify(two_checkpoints, warnings_logged):
     checkpointer = checkpointing.Checkpointer(str(two_checkpoints), async_save=False)
-    step, state, progress = checkpointer.restore_latest(state_of(0))
+    step, state, progress, pipeline = checkpointer.restore_latest(state_of(0))
     assert step == 2 and progress == progress_of(2), progress
+    assert pipeline == pipeline_of(2), "the input pipeline's position is restored"
     assert_same_tree(state, state_of(2))
     assert checkpointer.progress(1) == progress_of(1), "the checksums are not part of the progress"
     checkpointer.close()
@@ -115,15 +120,15 @@ def test_a_damaged_checkpoint_is_named_and_resuming_falls_back(two_checkpoints, 
     if damage == "state-of-another-step":
         assert "3 array(s) differ from what was saved" in str(refused.value), refused.value
 
-    step, state, progress = checkpointer.restore_latest(state_of(0))
-    assert step == 1 and progress == progress_of(1)
+    step, state, progress, pipeline = checkpointer.restore_latest(state_of(0))
+    assert step == 1 and progress == progress_of(1) and pipeline == pipeline_of(1)
     assert_same_tree(state, state_of(1))
     assert any(f"skipping the checkpoint of step 2: the checkpoint of step 2 in {damaged}" in line
                for line in warnings_logged), warnings_logged
     aside = damaged.parent / f"{checkpointing.SET_ASIDE_PREFIX}2"
     assert sorted(os.listdir(damaged.parent)) == ["1", aside.name], "the damaged checkpoint is set aside"
     # Training goes on from step 1 and saves step 2 again.
-    checkpointer.save(2, state_of(2), progress_of(2))
+    checkpointer.save(2, state_of(2), progress_of(2), pipeline_of(2))
     checkpointer.wait()
     assert checkpointer.latest_step() == 2
     assert checkpointer.restore_latest(state_of(0))[0] == 2
@@ -134,7 +139,7 @@ def test_damaged_bookkeeping_of_orbax_alone_still_restores(two_checkpoints, warn
     """orbax reads a truncated `_CHECKPOINT_METADATA` as absent; the arrays still verify."""
     truncate(two_checkpoints / checkpointing.CHECKPOINT_DIR / "2" / "_CHECKPOINT_METADATA")
     checkpointer = checkpointing.Checkpointer(str(two_checkpoints), async_save=False)
-    step, state, _ = checkpointer.restore_latest(state_of(0))
+    step, state, _, _ = checkpointer.restore_latest(state_of(0))
     assert step == 2 and not warnings_logged
     assert_same_tree(state, state_of(2))
     checkpointer.close()
@@ -146,7 +151,7 @@ def test_a_checkpoint_saved_without_checksums_restores_with_a_warning(two_checkp
     del progress[checkpointing.CHECKSUMS]  # as written before checksums were kept
     record.write_text(json.dumps(progress))
     checkpointer = checkpointing.Checkpointer(str(two_checkpoints), async_save=False)
-    step, state, restored = checkpointer.restore_latest(state_of(0))
+    step, state, restored, _ = checkpointer.restore_latest(state_of(0))
     assert step == 2 and restored == progress_of(2)
     assert_same_tree(state, state_of(2))
     assert warnings_logged == [f"the checkpoint of step 2 in {record.parent.parent} has no checksums: restored "

@@ -63,11 +63,12 @@ def test_train_refuses_labels_beyond_num_labels_in_one_line(tiny_model_dir, tmp_
 
 
 def test_train_refuses_a_text_that_is_not_a_string_in_one_line(tiny_model_dir, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "train.jsonl", [{"document": "A text.", "summary": "A summary."},
-                                                  {"document": 20240101, "summary": "A date."}])
+    # Streamed records are checked as they are read: two steps of 8 rows read all 8 records.
+    data = write_jsonl(tmp_path / "train.jsonl", [{"document": "A text.", "summary": "A summary."}] * 7
+                       + [{"document": 20240101, "summary": "A date."}])
     code = main(["--task", "seq2seq", "--model_name_or_path", tiny_model_dir, "--train_file", data,
-                 "--max_source_length", "16", "--max_target_length", "8", "--max_steps", "1",
+                 "--max_source_length", "16", "--max_target_length", "8", "--max_steps", "2",
                  "--output_dir", str(tmp_path / "run"), "--disable_tqdm"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1
-    assert error == (f"error: {data}: example 1 has int 20240101 in text column 'document'; expected a string"), error
+    assert error == (f"error: {data}: example 7 has int 20240101 in text column 'document'; expected a string"), error
