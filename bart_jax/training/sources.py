@@ -29,6 +29,7 @@ import threading
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from bart_jax.training.data import Record, read_records
 
@@ -128,8 +129,6 @@ class ArrowSource:
     """The rows of an Arrow IPC file (file or stream format), memory-mapped."""
 
     def __init__(self, path: str):
-        import pyarrow as pa
-
         self.path = path
         memory_map = pa.memory_map(path, "r")
         try:
