@@ -10,13 +10,15 @@ checkpoint on its host and uploads only its own devices' shards.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost as orbax_multihost
 
 from bart_jax.parallel.placement import batch_sharding, batch_shards, check_batch
 from bart_jax.parallel.rules import RULES, Rules
@@ -103,10 +105,38 @@ def global_batch(local_batch: Any, mesh: Mesh, rules: Rules = RULES, batch_axis:
 
 
 def to_host(tree: Any) -> Any:
-    """Every (global) array of `tree` gathered into a full numpy array on every process."""
-    return multihost_utils.process_allgather(tree, tiled=True)
+    """Every (global) array of `tree` gathered into a full numpy array on every process.
+
+    An array on a mesh is replicated over that same mesh's devices, whose collectives the
+    computation that made it has already set up. (`process_allgather` gathers over one device of
+    each process instead: a new group of devices, which the CPU backend's collectives give up
+    on when a process arrives 30 s after another.)"""
+
+    def gather(array: Any) -> Any:
+        if not isinstance(array, jax.Array) or array.is_fully_addressable:
+            return np.asarray(array)
+        if isinstance(array.sharding, NamedSharding):
+            replicated = _replicate(array.sharding.mesh)(array)
+            return np.asarray(replicated.addressable_data(0))
+        return multihost_utils.process_allgather(array, tiled=True)
+
+    return jax.tree.map(gather, tree)
 
 
-def sync(name: str) -> None:
-    """Waits until every process has reached the point called `name`."""
-    multihost_utils.sync_global_devices(name)
+@functools.lru_cache(maxsize=None)
+def _replicate(mesh: Mesh):
+    return jax.jit(lambda array: array, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+# Processes may reach a barrier far apart: one still starting up or compiling, another reading a
+# checkpoint.
+BARRIER_TIMEOUT_S = 3600
+
+
+def sync(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+    """Waits until every process has reached the point called `name` (no-op for one process).
+
+    A barrier of the distributed runtime's coordination service, as orbax's: it waits up to
+    `timeout_s`, where `multihost_utils.sync_global_devices`, a collective, fails on the CPU
+    backend when one process arrives 30 s after another."""
+    orbax_multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)

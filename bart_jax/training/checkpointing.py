@@ -30,7 +30,8 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
+
+from bart_jax.parallel.distributed import sync
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class Checkpointer:
             os.replace(path, target)
             logger.warning("moved the damaged checkpoint of step %d to %s", step, target)
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"bart_jax set aside step {step}")
+            sync(f"bart_jax set aside step {step}")
 
     def progress(self, step: int) -> dict:
         """The progress record (dropout key, best-model tracking) of `step` alone."""
@@ -230,5 +231,4 @@ def prepare_output_dir(output_dir: str, run_config: dict[str, Any], overwrite: b
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(run_config, f, indent=2, sort_keys=True)
             f.write("\n")
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("bart_jax output_dir prepared")
+    sync("bart_jax output_dir prepared")

@@ -237,6 +237,9 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
     mesh = preset_mesh(mesh_name) if mesh_name else None
     if mesh is not None and not arguments.mesh:
         logger.info("%d devices: training data-parallel over all of them (--mesh data)", jax.device_count())
+    if mesh is not None:
+        logger.info("mesh %s over %d devices of %d processes", dict(mesh.shape), jax.device_count(),
+                    jax.process_count())
     # The kernels of the platform the step runs on, settled once: "auto" would trace both.
     model = dataclasses.replace(model, module=settled(model.module, mesh=mesh))
     objective = make_objective(model.module, arguments.task, arguments.label_smoothing_factor)
