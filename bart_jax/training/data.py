@@ -1,9 +1,9 @@
-"""Reading training data: local `.jsonl`/`.json`, `.csv`/`.tsv`, `.parquet` files, or a directory
-written by `datasets.Dataset.save_to_disk`, as a list of records (dicts).
+"""Reading small data files whole: `.jsonl`/`.json`, `.csv`/`.tsv` as a list of records (dicts),
+and the columns of records.
 
 Columns are named as in the file; a dotted name reaches into nested records
-(`translation.en` for `{"translation": {"en": ..., "ro": ...}}`). Parquet needs `pyarrow` and
-saved datasets need `datasets`; neither is a dependency of bart_jax.
+(`translation.en` for `{"translation": {"en": ..., "ro": ...}}`). Training corpora, and the other
+formats, are read record by record through `training.sources`.
 """
 
 from __future__ import annotations
@@ -14,21 +14,18 @@ import os
 from typing import Any, Iterable
 
 Record = dict[str, Any]
-FILE_FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".tsv")
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:
-    """All records of a data file (or saved dataset directory), in file order."""
+    """All records of a data file, in file order."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return _read_saved_dataset(path)
     if not os.path.isfile(path):
         raise ValueError(f"data file not found: {path}")
     extension = os.path.splitext(path)[1].lower()
-    readers = {".jsonl": _read_json, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
-               ".parquet": _read_parquet}
+    readers = {".jsonl": _read_json, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv}
     if extension not in readers:
-        raise ValueError(f"cannot read {path}: expected one of {', '.join(FILE_FORMATS)} or a saved dataset directory")
+        raise ValueError(f"cannot read {path}: expected one of {', '.join(FILE_FORMATS)}")
     records = readers[extension](path)
     if not records:
         raise ValueError(f"{path} holds no examples")
@@ -71,25 +68,6 @@ def _read_tsv(path: str) -> list[Record]:
     # GLUE's TSV files contain unbalanced quotes: read them unquoted.
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-
-
-def _read_parquet(path: str) -> list[Record]:
-    try:
-        import pyarrow.parquet
-    except ImportError:
-        raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
-    return pyarrow.parquet.read_table(path).to_pylist()
-
-
-def _read_saved_dataset(path: str) -> list[Record]:
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"{path} is a directory; reading a saved dataset needs the `datasets` package") from None
-    dataset = datasets.load_from_disk(path)
-    if isinstance(dataset, datasets.DatasetDict):
-        raise ValueError(f"{path} holds a DatasetDict with splits {sorted(dataset)}; pass one split's directory")
-    return dataset.to_list()
 
 
 def column_values(records: list[Record], column: str, source: str = "data", first_index: int = 0) -> list[Any]:

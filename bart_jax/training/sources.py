@@ -34,6 +34,7 @@ import pyarrow as pa
 from bart_jax.training.data import Record, read_records
 
 STREAMED_FORMATS = (".jsonl", ".arrow", ".parquet")
+SOURCE_FORMATS = STREAMED_FORMATS + (".json", ".csv", ".tsv")
 _SCAN_BYTES = 1 << 24
 
 
@@ -246,6 +247,9 @@ def open_source(pattern: str, limit: Optional[int] = None) -> Any:
         if len(extensions) > 1:
             raise ValueError(f"{pattern} mixes file formats: {sorted(extensions)}")
         extension = extensions.pop()
+        if extension not in SOURCE_FORMATS:
+            raise ValueError(f"cannot read {pattern}: expected one of {', '.join(SOURCE_FORMATS)} or a saved "
+                             f"dataset directory")
         if extension == ".parquet":
             datasets = _datasets_module()
             dataset = datasets.load_dataset("parquet", data_files=paths, split="train")
