@@ -23,3 +23,32 @@ def test_recipe_then_command_line(tmp_path):
         TrainingArguments(output_dir="o", task="translate")
     with pytest.raises(ValueError, match="remat_policy must be one of none, full"):
         TrainingArguments(output_dir="o", remat_policy="sometimes")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "pass exactly one of --train_file and --dataset_name"),
+    (["--train_file", "t.jsonl", "--dataset_name", "xsum"], "pass exactly one of --train_file and --dataset_name"),
+    (["--dataset_name", "xsum", "--validation_split", "validation", "--validation_file", "v.jsonl"],
+     "pass --validation_file or --validation_split"),
+    (["--train_file", "t.jsonl", "--validation_split", "validation"], "--validation_split names a split of"),
+    (["--train_file", "t.jsonl", "--task", "denoise"], "an epoch's number of updates is unknown in advance: pass "
+                                                      "--max_steps"),
+    (["--train_file", "t.jsonl", "--coordinator_address", "10.0.0.1:1234"], None),
+])
+def test_data_and_process_options_are_checked(argv, message, tmp_path):
+    argv = ["--output_dir", str(tmp_path / "o"), "--config_name", "c", *argv]
+    if message is None:  # checked when the processes are joined (bart_jax.parallel.distributed)
+        assert parse_arguments(argv).coordinator_address == "10.0.0.1:1234"
+        return
+    with pytest.raises(ValueError, match=message):
+        parse_arguments(argv)
+
+
+def test_a_coordinator_needs_the_process_count_and_id():
+    from bart_jax.parallel import distributed
+
+    with pytest.raises(ValueError, match="--coordinator_address needs --num_processes and --process_id"):
+        distributed.initialize_if_needed("10.0.0.1:1234", None, None)
+    with pytest.raises(ValueError, match=r"process_id must be in 0 \.\. 1, got 2"):
+        distributed.initialize_if_needed("10.0.0.1:1234", 2, 2)
+    assert distributed.initialize_if_needed() is False, "a lone process is left alone"

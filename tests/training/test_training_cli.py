@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -273,3 +274,23 @@ def test_bad_inputs_are_refused_with_a_clear_message(tiny_model_dir, tmp_path, c
                                   "--max_steps", "1")) == 1
     assert "has no column 'headline'; its columns are ['document', 'id', 'source_path', 'summary', 'url']" in \
         capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dataset_name_trains_on_the_named_splits_of_a_local_dataset(tiny_model_dir, tmp_path, capsys):
+    """--dataset_name goes through `datasets.load_dataset`; offline, a local dataset directory."""
+    pytest.importorskip("datasets", reason="--dataset_name reads through datasets")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(XSUM_TRAIN, corpus / "train.jsonl")
+    shutil.copy(XSUM_VALIDATION, corpus / "validation.jsonl")
+    output_dir = tmp_path / "run"
+    run_cli(["--task", "seq2seq", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(corpus),
+             "--validation_split", "validation", "--max_eval_samples", "4", "--max_train_samples", "16",
+             "--max_source_length", "32", "--max_target_length", "8", "--per_device_train_batch_size", "4",
+             "--max_steps", "3", "--eval_steps", "3", "--logging_steps", "1", "--output_dir", str(output_dir)], capsys)
+    entries = read_metrics(output_dir)
+    assert [entry["step"] for entry in entries if "eval_loss" in entry] == [3]
+    # 16 examples in batches of 4: the epoch counts over the first 16 records only.
+    assert [entry["epoch"] for entry in entries if "loss" in entry][-1] == 0.75
+    assert json.loads((output_dir / "run_config.json").read_text())["dataset_name"] == str(corpus)
