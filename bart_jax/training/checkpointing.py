@@ -207,15 +207,9 @@ def prepare_output_dir(output_dir: str, run_config: dict[str, Any], overwrite: b
     checkpoint_dir = os.path.join(output_dir, CHECKPOINT_DIR)
     has_checkpoints = os.path.isdir(checkpoint_dir) and any(
         name.isdigit() for name in os.listdir(checkpoint_dir))
-    main_process = jax.process_index() == 0  # on a shared file system, one process changes it
-    if overwrite and main_process:
-        for name in (CHECKPOINT_DIR, RUN_CONFIG_FILE, "metrics.jsonl"):
-            path = os.path.join(output_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    elif has_checkpoints and not overwrite:
+    # Several processes share the directory: each checks it as found, and only then does process 0
+    # change it, so that every process reads the same files and refuses (or accepts) alike.
+    if has_checkpoints and not overwrite:
         if not os.path.isfile(config_path):
             raise ValueError(f"{output_dir} holds checkpoints of an unknown run (no {RUN_CONFIG_FILE}); "
                              f"pass --overwrite_output_dir to replace them or choose another --output_dir")
@@ -227,8 +221,18 @@ def prepare_output_dir(output_dir: str, run_config: dict[str, Any], overwrite: b
             details = ", ".join(f"{key}: {previous.get(key)!r} -> {run_config.get(key)!r}" for key in differing)
             raise ValueError(f"{output_dir} holds checkpoints of a different run ({details}); pass "
                              f"--overwrite_output_dir to replace them or choose another --output_dir")
-    if main_process:
-        with open(config_path, "w", encoding="utf-8") as f:
+    sync("bart_jax output_dir checked")
+    if jax.process_index() == 0:
+        if overwrite:
+            for name in (CHECKPOINT_DIR, RUN_CONFIG_FILE, "metrics.jsonl"):
+                path = os.path.join(output_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        temporary = f"{config_path}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
             json.dump(run_config, f, indent=2, sort_keys=True)
             f.write("\n")
+        os.replace(temporary, config_path)
     sync("bart_jax output_dir prepared")
