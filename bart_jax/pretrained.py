@@ -21,6 +21,7 @@ from bart_jax.checkpoints.hub import resolve_model_directory
 from bart_jax.config import BartConfig
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.generate import generate
+from bart_jax.model import quantization
 from bart_jax.model.kernels import check_kernels, settled
 from bart_jax.model.registry import head_from_config, head_spec, heads_where
 from bart_jax.model.validation import check_inputs
@@ -87,6 +88,9 @@ class PretrainedBart:
 
     def save_hf(self, directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
         """Writes a Hugging Face directory that `transformers.<head>.from_pretrained` loads."""
+        if quantization.quantization_of(self.params) is not None:
+            raise ValueError("int8 weights save only in the converted format (save_pretrained); "
+                             "load the float checkpoint to export a Hugging Face directory")
         params = jax.tree_util.tree_map(np.asarray, self.params)
         files.save_hf_directory(params, self.config, self.head, directory, max_shard_size=max_shard_size,
                                            copy_files_from=self.source)
@@ -110,6 +114,8 @@ def load_pretrained(
     mesh: Optional[jax.sharding.Mesh] = None,
     rules: Any = None,
     kernels: str = "auto",
+    quantize: Optional[str] = None,
+    quantize_layers: Optional[tuple[str, ...]] = None,
 ) -> PretrainedBart:
     """Loads BART from a Hugging Face directory, a converted bart_jax directory or a hub id.
 
@@ -122,13 +128,25 @@ def load_pretrained(
     mesh, rules: place each parameter straight from the host copy onto its shards of `mesh`
     (`bart_jax.parallel.shard_params`; rules default to `parallel.RULES`).
     kernels: "auto" (the formulations of the platform the parameters are placed on: the returned
-    module's `kernels` names it), "portable" or "cpu" (see bart_jax/model/kernels/); the results agree.
+    module's `kernels` names it), "portable", "cpu" or "tpu" (see bart_jax/model/kernels/); the results agree.
+    quantize: "int8" (int8 weights, products of int8 inputs quantized per row) or "int8-weights"
+    (weight-only), for inference; quantize_layers: of ("linear", "vocabulary"), default both
+    (bart_jax/model/quantization.py). A converted directory saved quantized loads quantized.
     """
     check_kernels(kernels)
+    quantize, quantize_layers = quantization.check_quantize(quantize, quantize_layers)
     directory = resolve_model_directory(path_or_hub_id, revision=revision)
     if files.is_converted_directory(directory):
         config, params, saved_head = files.load_converted(directory)
         head = _resolve_head(config, head or saved_head)
+        saved = quantization.quantization_of(params)
+        if saved is not None:
+            if quantize is not None and (quantize, list(quantize_layers)) != (saved["quantize"], saved["quantize_layers"]):
+                raise ValueError(f"{directory} holds weights quantized as {saved}; load it without quantize, "
+                                 "or quantize from the float checkpoint")
+            if head != saved_head:
+                raise ValueError(f"{directory} holds quantized {saved_head} weights; load it as {saved_head}")
+            quantize = None
         if head != saved_head:
             state = conversion.flax_to_hf(params, config, saved_head)
             params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict)
@@ -137,6 +155,8 @@ def load_pretrained(
         head = _resolve_head(config, head)
         state = files.load_hf_state_dict(directory)
         params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict)
+    if quantize is not None:  # from the checkpoint's own values; the scales stay float32
+        params = quantization.quantize_params(params, quantize, quantize_layers)
     params = conversion.cast_params(params, param_dtype)
     if mesh is not None:
         params = parallel.shard_params(params, mesh, parallel.RULES if rules is None else rules)

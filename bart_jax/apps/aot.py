@@ -35,7 +35,7 @@ from bart_jax.config import BartConfig
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.generate import resolve_generation_config
 from bart_jax.model.heads import BartForConditionalGeneration
-from bart_jax.model.kernels import for_platform
+from bart_jax.model.kernels import KERNELS, for_platform
 from bart_jax.model.layers import REMAT_POLICIES
 
 if TYPE_CHECKING:
@@ -76,6 +76,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--scan-layers", action="store_true", help="each layer stack as one scan")
     parser.add_argument("--remat-policy", choices=REMAT_POLICIES, default="none", help="layer rematerialisation")
     parser.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches of the train step")
+    parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                        help="backend formulations compiled: those of --platform (auto; on TPU the Pallas flash "
+                             "attention), or one policy, e.g. portable to compare; default: %(default)s")
     group = parser.add_argument_group("generation (defaults: the preset's generation_config.json)")
     for flag, (_, kind) in AOT_GENERATION_FLAGS.items():
         group.add_argument(flag, type=kind)
@@ -152,7 +155,8 @@ class Compiler:
         self.chip = chip_for(args.platform, args.topology)
         self.module = BartForConditionalGeneration(
             self.config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
-            scan_layers=args.scan_layers, remat_policy=args.remat_policy, kernels=for_platform(args.platform))
+            scan_layers=args.scan_layers, remat_policy=args.remat_policy,
+            kernels=for_platform(args.platform) if args.kernels == "auto" else args.kernels)
         self.overrides = generation_overrides(args)
         self.generation_config = resolve_generation_config(self.module, base_generation, **self.overrides)
         self.mesh = None
@@ -170,7 +174,7 @@ class Compiler:
                   "batch_size": shapes.batch,
                   "per_chip_batch": shapes.batch // self.shards if shapes.batch % self.shards == 0 else
                   shapes.batch / self.shards,
-                  "source_length": shapes.source_length}
+                  "source_length": shapes.source_length, "kernels": self.module.kernels}
         if workload in ("forward", "train"):
             record["target_length"] = shapes.target_length
         if workload == "train":
@@ -211,6 +215,9 @@ class Compiler:
         record.update(compiled=True, error=None, compile_seconds=round(time.perf_counter() - began, 2))
         record["memory"] = memory_report(compiled.memory_analysis(), self.chip)
         record["fits"] = record["memory"]["fits"]
+        # Kernels the program calls (the Pallas flash attention is a "tpu_custom_call").
+        calls = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text() or ""))
+        record["custom_calls"] = dict(sorted(calls.items()))
         record["cost"] = cost_report(compiled.cost_analysis())
         record["roofline"] = roofline(record["cost"], self.chip, self.rows(workload, shapes))
         if workload == "generate" and step_cost:

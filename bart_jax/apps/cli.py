@@ -17,6 +17,7 @@ from bart_jax.apps.compilation_cache import enable_persistent_cache
 from bart_jax.apps.convert import main as convert_main
 from bart_jax.apps.generation_flags import GENERATION_FLAGS, chosen_options
 from bart_jax.apps.summarize import LENGTH_BUCKETS, SummaryStats, iter_summaries, source_limit, warmup
+from bart_jax.model import quantization
 from bart_jax.model.kernels import KERNELS
 from bart_jax.pretrained import load_pretrained
 
@@ -39,9 +40,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default: Optional[str]
                         help="hub id, Hugging Face directory or converted bart_jax directory (default: %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="computation dtype (weights stay float32)")
+    parser.add_argument("--quantize", choices=tuple(quantization.MODES),
+                        help="int8 weights for inference: int8 (inputs quantized per row too, int8 products) or "
+                             "int8-weights (weight-only); see docs/performance.md for speed and quality")
+    parser.add_argument("--quantize-layers", nargs="+", choices=quantization.LAYERS,
+                        help="which weights --quantize stores as int8 (default: "
+                             f"{' '.join(quantization.DEFAULT_LAYERS)}); vocabulary: embeddings and LM head")
     parser.add_argument("--kernels", choices=KERNELS, default="auto",
                         help="backend formulations: those of the platform the model runs on (auto), the plain JAX "
-                             "ones every backend runs (portable), or the CPU-tuned ones; results agree")
+                             "ones every backend runs (portable), the CPU-tuned ones, or the TPU ones (Pallas flash "
+                             "attention); results agree")
     parser.add_argument("--compilation-cache", default=os.environ.get("BART_JAX_COMPILATION_CACHE", DEFAULT_CACHE_DIR),
                         help="persistent XLA compilation cache directory (default: %(default)s)")
     parser.add_argument("--no-compilation-cache", action="store_true", help="do not use the persistent cache")
@@ -111,14 +119,23 @@ def _load(args):
     if not args.no_compilation_cache:
         enable_persistent_cache(os.path.expanduser(args.compilation_cache))
     return load_pretrained(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
-                           kernels=args.kernels, mesh=summarize_job.job_mesh(getattr(args, "mesh", "none")))
+                           kernels=args.kernels, mesh=summarize_job.job_mesh(getattr(args, "mesh", "none")),
+                           quantize=args.quantize, quantize_layers=args.quantize_layers)
 
 
 def summary_settings(args: argparse.Namespace) -> dict:
     """What a summary depends on besides its document; a resumed job must use the same."""
     model = os.path.realpath(args.model) if os.path.isdir(args.model) else args.model
     return {"options": generation_options(args), "seed": args.seed, "max_source_length": args.max_source_length,
-            "model": model, "dtype": args.dtype}
+            "model": model, "dtype": args.dtype, **_quantize_settings(args)}
+
+
+def _quantize_settings(args: argparse.Namespace) -> dict:
+    """--quantize and its layers, when given (absent otherwise, so that float jobs keep their settings)."""
+    if args.quantize is None:
+        return {}
+    return {"quantize": args.quantize, "quantize_layers": list(quantization.check_quantize(
+        args.quantize, args.quantize_layers)[1])}
 
 
 def run_summarize(args) -> int:

@@ -39,6 +39,7 @@ import numpy as np
 from flax import traverse_util
 
 from bart_jax.config import BartConfig
+from bart_jax.model.kernels.quantized_linear import QuantizedWeight
 from bart_jax.model.registry import BASE_MODEL, REGISTRY, HeadSpec, head_spec, param_shapes
 
 Params = dict[str, Any]
@@ -365,10 +366,14 @@ def unstack_layers(params: Params) -> Params:
 
 
 def cast_params(params: Params, dtype) -> Params:
-    """`params` with every floating-point array cast to `dtype` (e.g. "bfloat16"); other arrays unchanged."""
+    """`params` with every floating-point array cast to `dtype` (e.g. "bfloat16"); other arrays and
+    int8 weights unchanged."""
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"cast_params needs a floating-point dtype, got {dtype}")
+    # int8 weights (bart_jax/model/quantization.py) keep their float32 scales.
     return jax.tree.map(
-        lambda array: array.astype(dtype) if jnp.issubdtype(array.dtype, jnp.floating) else array, params
+        lambda array: array.astype(dtype) if not isinstance(array, QuantizedWeight)
+        and jnp.issubdtype(array.dtype, jnp.floating) else array, params,
+        is_leaf=lambda leaf: isinstance(leaf, QuantizedWeight),
     )

@@ -7,7 +7,8 @@ Safetensors files are read with `safetensors.numpy`; torch is imported only for 
 A converted bart_jax directory holds `config.json`, the source's `generation_config.json` and
 tokenizer files, `params.safetensors` keyed by Flax paths joined with "/" (e.g.
 `model/encoder/layers_0/self_attn/q_proj/weight`), and the marker `bart_jax.json`
-({"format_version", "head", "dtype"}).
+({"format_version", "head", "dtype"}; a quantized tree adds "quantize" and "quantize_layers",
+and stores each int8 weight as `<path>/qvalue` (int8) and `<path>/scale` (float32 [out, 1])).
 
 The whole-directory conversions (`convert_hf_directory`, `export_hf_directory`) refuse a
 destination that already holds a model unless asked to overwrite it (`check_destination`): writing
@@ -30,6 +31,7 @@ from safetensors import SafetensorError
 
 from bart_jax.checkpoints.conversion import Params, cast_params, check_params, convert_hf_state_dict, flax_to_hf
 from bart_jax.config import BartConfig
+from bart_jax.model import quantization
 from bart_jax.model.registry import check_head, head_from_config
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -64,7 +66,8 @@ def check_weights(tensors: dict[str, np.ndarray], path: str) -> dict[str, np.nda
     `path`: a corrupt data section parses as well as a sound one and would load as NaN weights."""
     # By name: ml_dtypes' bfloat16 (and float8) are not of numpy's floating kind "f".
     not_float = [f"{key} ({array.dtype})" for key, array in tensors.items()
-                 if not np.dtype(array.dtype).name.startswith(("float", "bfloat"))]
+                 if not np.dtype(array.dtype).name.startswith(("float", "bfloat"))
+                 and not quantization.is_qvalue(key, array)]
     if not_float:
         raise ValueError(f"{path}: weights must be floating point, found {', '.join(not_float[:8])}")
     # min and max propagate NaN and reach any infinity, without a temporary as large as the tensor.
@@ -230,14 +233,13 @@ def save_converted(
     check_params(params, config, head)
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    flat = {
-        key: np.ascontiguousarray(np.asarray(value))
-        for key, value in traverse_util.flatten_dict(params, sep="/").items()
-    }
-    dtype = _float_dtype_name(flat.values())
+    flat = {key: np.ascontiguousarray(np.asarray(value))
+            for key, value in traverse_util.flatten_dict(quantization.to_arrays(params), sep="/").items()}
+    dtype = _float_dtype_name(quantization.unquantized_arrays(flat))  # int8 weights' float32 scales aside
     _with_dtype(config, dtype, architectures=[head]).save_pretrained(directory)
     safetensors.numpy.save_file(flat, os.path.join(directory, CONVERTED_PARAMS_NAME), metadata={"format": "flax"})
-    marker = {"format_version": CONVERTED_FORMAT_VERSION, "head": head, "dtype": dtype or "mixed"}
+    marker = {"format_version": CONVERTED_FORMAT_VERSION, "head": head, "dtype": dtype or "mixed",
+              **(quantization.quantization_of(params) or {})}
     with open(os.path.join(directory, CONVERTED_MARKER_NAME), "w", encoding="utf-8") as f:
         json.dump(marker, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -270,11 +272,11 @@ def _read_marker(directory: str) -> dict:
 def load_converted(directory: str | os.PathLike) -> tuple[BartConfig, Params, str]:
     """(config, params as numpy arrays, head) of a converted bart_jax directory."""
     directory = os.fspath(directory)
-    head = _read_marker(directory)["head"]
-    config = BartConfig.from_pretrained(directory)
-    params = traverse_util.unflatten_dict(
-        _read_safetensors(os.path.join(directory, CONVERTED_PARAMS_NAME)), sep="/"
-    )
+    marker = _read_marker(directory)
+    head, config = marker["head"], BartConfig.from_pretrained(directory)
+    params = traverse_util.unflatten_dict(_read_safetensors(os.path.join(directory, CONVERTED_PARAMS_NAME)), sep="/")
+    if marker.get("quantize") is not None:  # int8 weights with their scales
+        params = quantization.from_arrays(params, marker["quantize"])
     check_params(params, config, head)
     return config, params, head
 

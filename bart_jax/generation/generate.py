@@ -152,15 +152,17 @@ def generate_static(
     """
     if module.kernels != "auto":
         return _generate(module, params, input_ids, attention_mask, prng_key, config)
+    # Unsettled "auto" (an export, or an ahead-of-time compile from another host): the whole loop
+    # traced under each policy, since the cache layouts differ; lowering keeps the platform's.
     policies = {kernels: functools.partial(_generate, module.clone(kernels=kernels), config=config)
-                for kernels in ("cpu", "portable")}
+                for kernels in ("cpu", "tpu", "portable")}
     return lax.platform_dependent(params, input_ids, attention_mask, prng_key, cpu=policies["cpu"],
-                                  default=policies["portable"])
+                                  tpu=policies["tpu"], default=policies["portable"])
 
 
 def _generate(module: Any, params: Any, input_ids: jax.Array, attention_mask: jax.Array, prng_key: Optional[jax.Array],
               config: GenerationConfig) -> SearchOutput:
-    """`generate_static`'s body for a module of one kernel policy ("cpu" or "portable")."""
+    """`generate_static`'s body for a module of one kernel policy ("cpu", "tpu" or "portable")."""
     variables = {"params": params}
     batch = input_ids.shape[0]
     encoded = module.apply(variables, input_ids, attention_mask, method="encode")

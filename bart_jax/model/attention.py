@@ -5,7 +5,7 @@ once per source row.
 Masks are boolean (True = may attend) and broadcast to [batch, heads, query, key]. Queries, keys
 and values are projected into [batch, length, heads, head_dim]; the attention itself, and the
 layout of the cache and of projected cross-attention keys/values, belong to the kernel seam
-(bart_jax/model/kernels/): `kernels` chooses the portable or the CPU formulation.
+(bart_jax/model/kernels/): `kernels` chooses the portable, the CPU or the TPU formulation.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class BartAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernels: str = "auto"
+    # Decoder self-attention: without a cache or a cache index its mask is the causal mask
+    # combined with a key mask, which kernels may apply as such (the TPU flash kernel).
+    causal: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -115,7 +118,8 @@ class BartAttention(nn.Module):
 
         `rows` may be a multiple of the keys' batch: the beams (or samples) of an input, inner
         in `rows`, share that input's cross-attention keys/values.
-        `mask`: boolean, broadcastable to [rows, heads, query, key]. `layer_head_mask`: [heads].
+        `mask`: boolean, broadcastable to [rows, heads, query, key]; with `causal` and neither a
+        cache nor a `cache_index`, the causal mask combined with a key mask. `layer_head_mask`: [heads].
         Returns (output [rows, query_length, d_model], weights [rows, heads, query, key] or None
         without `need_weights`, new cache). Without weights and attention dropout, the portable
         kernels attend with `jax.nn.dot_product_attention` (fused on GPU).
@@ -147,9 +151,11 @@ class BartAttention(nn.Module):
             # Fold beams into the query axis, so that shared keys/values are not repeated per beam.
             queries = query.reshape(batch, -1, self.num_heads, self.head_dim)
             policy = layout or self.kernels  # precomputed keys/values take the kernel of their layout
+            # Queries at positions 0.. over keys at 0..: self-attention neither cached nor offset.
+            causal = self.causal and key_value_states is None and layout is None and cache_index is None
             if not need_weights and rate == 0.0 and layout != "cpu":
                 output, weights = attend_output(queries, key_value["key"], key_value["value"], mask, self.dtype,
-                                                policy), None
+                                                policy, causal), None
             elif layout == "cpu":
                 output, weights = attend_transposed(queries.astype(self.dtype).transpose(0, 2, 1, 3),
                                                     key_value["key"], key_value["value"], mask, self.dtype, rate,

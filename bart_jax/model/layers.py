@@ -110,7 +110,7 @@ class BartDecoderLayer(FeedForwardMixin, LayerModule):
             embed_dim=config.d_model, num_heads=config.decoder_attention_heads, dropout=config.attention_dropout,
             init_std=config.init_std, dtype=self.dtype, param_dtype=self.param_dtype, kernels=self.kernels,
         )
-        self.self_attn = BartAttention(**attention)
+        self.self_attn = BartAttention(**attention, causal=True)
         self.self_attn_layer_norm = layer_norm(self.dtype, self.param_dtype, self.kernels)
         self.encoder_attn = BartAttention(**attention)
         self.encoder_attn_layer_norm = layer_norm(self.dtype, self.param_dtype, self.kernels)

@@ -102,6 +102,12 @@ def sharding_active() -> bool:
     return _ACTIVE.get() is not None
 
 
+def active_sharding() -> Optional[tuple[Mesh, tuple[tuple[str, Any], ...]]]:
+    """(mesh, rules) of the enclosing `activation_sharding`, or None outside one: for kernels
+    that must run per device (`jax.shard_map`) rather than be partitioned by XLA."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     """`x` with a sharding constraint from its logical axes; the identity outside
     `activation_sharding` (so unsharded use is unchanged). Dimensions their mesh axes do not

@@ -13,7 +13,7 @@ Three attributes of every module trade speed, compile time and memory, not resul
 `layers` (leading layer axis; `checkpoints.conversion.stack_layers` / `unstack_layers` switch
 layouts), `remat_policy` ("none", "full", "dots_saveable", ...) recomputes layer activations
 in the backward pass instead of keeping them (see `layers.REMAT_POLICIES`), and `kernels`
-("auto", "portable", "cpu") chooses the backend formulations (bart_jax/model/kernels/).
+("auto", "portable", "cpu", "tpu") chooses the backend formulations (bart_jax/model/kernels/).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class BartModule(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    # Which formulation of the backend-specific kernels runs: "auto", "portable" or "cpu"
+    # Which formulation of the backend-specific kernels runs: "auto", "portable", "cpu" or "tpu"
     # (bart_jax/model/kernels/). Results agree across them; speed and layouts differ.
     kernels: str = "auto"
 
@@ -258,12 +258,14 @@ class BartDecoder(LayerStackMixin, BartModule):
             ancestors = jax.lax.dynamic_update_slice(cache["ancestors"], own_slots, (0, 0, past_length))
         self_mask = combine_masks(make_causal_mask(query_positions, key_length), padding_mask(attention_mask))
         cross_mask = padding_mask(encoder_attention_mask)
+        # No cache index for self-attention neither cached nor offset: its mask is then plainly causal.
+        layer_cache_index = None if cache is None and cache_index is None else past_length
 
         def step(layer, hidden_states, layer_inputs):
             cross_key_value, layer_cache, layer_head_mask, cross_layer_head_mask = layer_inputs
             # Positional arguments: a rematerialised layer keeps only positional ones static.
             computed = layer(hidden_states, self_mask, encoder_hidden_states, cross_mask, cross_key_value, layer_cache,
-                             past_length, ancestors, layer_head_mask, cross_layer_head_mask, deterministic,
+                             layer_cache_index, ancestors, layer_head_mask, cross_layer_head_mask, deterministic,
                              output_attentions)
             skipped = (hidden_states,) + tuple(
                 None if value is None else jnp.zeros_like(value) for value in computed[1:3]

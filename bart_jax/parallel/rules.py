@@ -56,6 +56,7 @@ PARAM_AXES = (
 )
 _PARAM_PATTERNS = tuple((re.compile(rf"(^|/){pattern}$"), axes) for pattern, axes in PARAM_AXES)
 _STACKED = re.compile(r"(^|/)layers/")
+_QUANTIZED = re.compile(r"/array/(qvalue|scale)$")
 
 
 
@@ -88,7 +89,15 @@ def path_name(key_path) -> str:
 
 def param_logical_axes(path: str, ndim: int) -> Optional[tuple[Optional[str], ...]]:
     """Logical axes of the parameter (or optimizer-state leaf) at `path`, or None if no entry of
-    `PARAM_AXES` matches its path and rank."""
+    `PARAM_AXES` matches its path and rank.
+
+    An int8 weight (bart_jax/model/quantization.py) is split as its float weight: its int8 values
+    ".../weight/array/qvalue" [out, in] alike, its scales ".../array/scale" [out, 1] along the
+    output axis only."""
+    quantized = _QUANTIZED.search(path)
+    if quantized:
+        axes = param_logical_axes(path[:quantized.start()], ndim)
+        return axes if axes is None or quantized.group(1) == "qvalue" else axes[:-1] + (None,)
     for pattern, axes in _PARAM_PATTERNS:
         if pattern.search(path):
             if ndim == len(axes):

@@ -77,6 +77,23 @@ def test_tpu_generate_and_train_compile_on_a_sharded_mesh(tiny_preset):
     assert train["memory"]["aliased"] > 0
 
 
+def test_tpu_compiles_the_pallas_flash_attention(tiny_preset):
+    """On TPU the kernels are the TPU ones: attention in the encoder and in training (forward and
+    backward) runs the Pallas flash-attention kernel, a `tpu_custom_call` in the compiled program;
+    --kernels portable compiles none."""
+    require_tpu_compiler()
+    common = ("--platform", "tpu", "--topology", "v5e:2x2", "--preset", tiny_preset, "--mesh", "data=2,tensor=2",
+              "--batch-size", "4", "--source-length", "16", "--target-length", "8", "--dtype", "bfloat16")
+    encode, train = run_aot(*common, "--workload", "encode", "train")
+    (portable,) = run_aot(*common, "--workload", "encode", "--kernels", "portable")
+    assert encode["kernels"] == train["kernels"] == "tpu" and portable["kernels"] == "portable"
+    assert encode["compiled"] and train["compiled"] and portable["compiled"], (encode["error"], train["error"])
+    # One kernel per encoder layer; training adds decoder self- and cross-attention and the backward kernels.
+    assert encode["custom_calls"].get("tpu_custom_call", 0) >= TINY["encoder_layers"], encode["custom_calls"]
+    assert train["custom_calls"].get("tpu_custom_call", 0) > encode["custom_calls"]["tpu_custom_call"]
+    assert "tpu_custom_call" not in portable["custom_calls"], portable["custom_calls"]
+
+
 def test_tpu_find_max_batch_stops_at_the_limit(tiny_preset):
     require_tpu_compiler()
     (record,) = run_aot("--platform", "tpu", "--topology", "v5e-4", "--preset", tiny_preset, "--workload", "encode",

@@ -287,8 +287,8 @@ def test_beam_search_over_a_large_vocabulary_matches_transformers(kernels):
 
 def test_generate_static_with_auto_kernels_traces_both_layouts_and_runs_this_platforms():
     """Called directly with kernels="auto", generate_static traces the generation for both cache
-    layouts; lowered for the CPU it keeps the CPU one, exported for a TPU the portable one, and
-    the ids are those of either policy."""
+    layouts; lowered for the CPU it keeps the CPU one, exported for a TPU the portable one (and
+    the TPU kernels' flash attention), and the ids are those of either policy."""
     _, module, params = models()
     input_ids, attention_mask = inputs()
     config = resolve_generation_config(module, None, **OPTIONS["beam3-early-return3"])
@@ -313,3 +313,5 @@ def test_generate_static_with_auto_kernels_traces_both_layouts_and_runs_this_pla
 
     assert cache_type("cpu") in cpu_text and cache_type("portable") not in cpu_text, "CPU lowering: not the CPU cache"
     assert cache_type("portable") in tpu_text and cache_type("cpu") not in tpu_text, "TPU export: not the portable cache"
+    assert "tpu_custom_call" in tpu_text, "TPU export: the encoder does not run the Pallas flash attention"
+    assert "tpu_custom_call" not in cpu_text

@@ -214,6 +214,32 @@ def test_every_parameter_has_logical_axes(head, tied):
     assert parallel.unmatched_leaves(stacked) == [], "stacked parameters without logical axes"
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int8-weights"])
+def test_int8_weights_are_split_as_their_float_weights(quantize):
+    from bart_jax.model.quantization import quantize_params
+
+    shapes = jax.tree_util.tree_map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32),
+                                    conversion.expected_flax_shapes(CONFIG, "BartForConditionalGeneration"),
+                                    is_leaf=lambda node: isinstance(node, tuple))
+    quantized = jax.eval_shape(lambda params: quantize_params(params, quantize), shapes)
+    assert parallel.unmatched_leaves(quantized) == [], "int8 weights without logical axes"
+    mesh = AbstractMesh((1, 2, 2), parallel.MESH_AXES)
+    shardings = parallel.tree_shardings(quantized, mesh, indivisible="replicate")
+    floats = parallel.tree_shardings(shapes, mesh, indivisible="replicate")
+    flat_floats = dict(jax.tree_util.tree_flatten_with_path(floats)[0])
+    split = 0
+    for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+        name = parallel.path_name(path)
+        if name.endswith("/array/qvalue"):
+            float_spec = tuple(flat_floats[path[:-2]].spec)
+            assert tuple(sharding.spec) == float_spec, name
+            split += any(axis is not None for axis in float_spec)
+        elif name.endswith("/array/scale"):
+            assert tuple(sharding.spec) == tuple(flat_floats[path[:-2]].spec)[:1] + (None,) * (
+                len(sharding.spec) - 1), name
+    assert split, "no int8 weight was split: the test's mesh splits nothing"
+
+
 def test_rules_resolve_each_mesh_axis_once_per_array():
     mesh = AbstractMesh((2, 2, 2), parallel.MESH_AXES)
     spec = parallel.logical_to_spec

@@ -1,5 +1,5 @@
-"""Side-by-side benchmark: bart_jax against transformers (PyTorch eager and torch.compile) and
-CTranslate2 (fp32, int8), on the same random weights, in one run.
+"""Side-by-side benchmark: bart_jax (fp32, bf16, int8) against transformers (PyTorch eager and
+torch.compile) and CTranslate2 (fp32, int8), on the same random weights, in one run.
 
 Each system runs in its own worker process (so its peak memory is its own); the workloads are
 interleaved across systems, repeat by repeat. Workloads, on a batch of random source ids:
@@ -9,7 +9,11 @@ interleaved across systems, repeat by repeat. Workloads, on a batch of random so
     W3  encoder forward (CTranslate2: encoder plus one greedy step, its smallest call)
     W4  training step: forward + backward + AdamW, decoder length `train_target`
 
-Before timing, the generating systems' fp32 token ids are compared with transformers'.
+Latency rows: W1 and W2 run again at each of `--latency-batches` (default 1 and 4 documents),
+the same source length, right after the `--batch` row: the few-row regime of single requests is
+measured beside the headline shape (`"latency": true` in their rows).
+
+Before timing, the generating systems' token ids are compared with transformers'.
 `bart-jax bench --help` lists the knobs; results go to a JSON lines file and a printed table.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -117,10 +122,10 @@ def worker(name: str, setup: Setup, training: bool, connection) -> None:
         message = connection.recv()
         if message is None:
             return
-        _, workload = message
+        _, workload, batch = message
         stolen_before = stolen_cpu_seconds()
         began = time.perf_counter()
-        _, tokens = system.run(workload)
+        _, tokens = system.run(workload, batch)
         elapsed = time.perf_counter() - began
         stolen_after = stolen_cpu_seconds()
         stolen = None if stolen_before is None or stolen_after is None else stolen_after - stolen_before
@@ -193,10 +198,24 @@ def _convert_ctranslate2(directory: str) -> None:
 
 
 # --- the run ------------------------------------------------------------------------------
+LATENCY_WORKLOADS = ("W1", "W2")
+
+
+def jobs(workloads: Sequence[str], batch: int, latency_batches: Sequence[int]) -> list[tuple[str, int]]:
+    """(workload, batch) in the order they run: each workload at `batch`, W1 and W2 followed by
+    their latency rows (each of `latency_batches` other than `batch`, once)."""
+    extra = [size for size in dict.fromkeys(latency_batches) if size != batch]
+    return [(workload, size) for workload in workloads
+            for size in [batch] + (extra if workload in LATENCY_WORKLOADS else [])]
+
+
 def run(args, on_workload=None) -> list[dict]:
     """Runs the benchmark `args` describes (see `build_parser`); `on_workload(rows)` receives
-    each workload's result rows as soon as they are measured. A system whose worker dies (e.g.
-    out of memory) is reported and left out of the remaining workloads."""
+    each workload's result rows (one batch size) as soon as they are measured. A system whose
+    worker dies (e.g. out of memory) is reported and left out of the remaining workloads."""
+    if min([args.batch, *args.latency_batches]) < 1:
+        raise ValueError(f"batch sizes must be positive, got --batch {args.batch} "
+                         f"--latency-batches {' '.join(map(str, args.latency_batches))}")
     workdir = tempfile.mkdtemp(prefix="bart-jax-bench-")
     setup = Setup(workdir, args.batch, args.source_length, args.target, args.greedy_target, args.train_target,
                   args.seed, args.threads)
@@ -205,7 +224,7 @@ def run(args, on_workload=None) -> list[dict]:
     # Generation (W1-W3) and training (W4) run in workers of their own, as in use: a program
     # summarizes or trains. The generation workers end before training ones start.
     workers, training, results = {}, None, []
-    for workload in args.workloads:
+    for workload, batch in jobs(args.workloads, args.batch, args.latency_batches):
         if training != (workload == "W4"):
             stop_workers(workers)
             training = workload == "W4"
@@ -218,7 +237,7 @@ def run(args, on_workload=None) -> list[dict]:
 
         def call(name):
             try:
-                return _call(workers[name][1], workload)
+                return _call(workers[name][1], workload, batch)
             except (EOFError, OSError) as error:
                 print(f"{name}: worker died during {workload} ({type(error).__name__}); left out",
                       file=sys.stderr)
@@ -239,7 +258,8 @@ def run(args, on_workload=None) -> list[dict]:
                     memory[name] = answer[2]
                     stolen[name].append(answer[3])
         reference = tokens.get("transformers")
-        flops = model_flops(config, workload, setup)
+        shape = dataclasses.replace(setup, batch=batch)
+        flops = model_flops(config, workload, shape)
         for name in active:
             median = statistics.median(times[name])
             same = None
@@ -247,12 +267,13 @@ def run(args, on_workload=None) -> list[dict]:
                 same = tokens[name] == reference
             # Tokens/s: generated tokens (W1, W2), source tokens encoded (W3), source and
             # target tokens trained on (W4).
-            generated = {"W3": setup.batch * setup.source_length,
-                         "W4": setup.batch * (setup.source_length + setup.train_target)}.get(workload, 0)
+            generated = {"W3": batch * setup.source_length,
+                         "W4": batch * (setup.source_length + setup.train_target)}.get(workload, 0)
             if tokens.get(name) is not None:
                 generated = sum(sum(1 for t in row[1:] if t != 1) for row in tokens[name])
             results.append({
-                "workload": workload, "system": name, "shape": args.shape, "batch": args.batch,
+                "workload": workload, "system": name, "shape": args.shape, "batch": batch,
+                "latency": batch != args.batch,
                 "source_length": args.source_length, "median_s": median, "min_s": min(times[name]),
                 "max_s": max(times[name]), "first_call_s": first[name], "tokens_per_s": generated / median,
                 "gflops": flops / median / 1e9, "peak_fraction": flops / median / 1e9 / peak,
@@ -261,7 +282,7 @@ def run(args, on_workload=None) -> list[dict]:
                 "first_call_stolen_s": stolen[name][0],
                 "stolen_s": None if None in stolen[name] else statistics.median(stolen[name][1:]),
             })
-        rows = [row for row in results if row["workload"] == workload]
+        rows = [row for row in results if (row["workload"], row["batch"]) == (workload, batch)]
         for row in rows:
             row["speedup"] = {other["system"]: other["median_s"] / row["median_s"] for other in rows}
         if on_workload is not None:
@@ -271,8 +292,8 @@ def run(args, on_workload=None) -> list[dict]:
     return results
 
 
-def _call(connection, workload: str):
-    connection.send(("run", workload))
+def _call(connection, workload: str, batch: int):
+    connection.send(("run", workload, batch))
     return connection.recv()
 
 
@@ -281,10 +302,11 @@ def format_table(results: list[dict]) -> str:
              "% peak | peak MiB | vs transformers | same ids |", "|" + "---|" * 11]
     for row in results:
         ratio = row["speedup"].get("transformers")
+        workload = f"{row['workload']} (batch {row['batch']})" if row.get("latency") else row["workload"]
         stolen = ("" if row.get("stolen_s") is None
                   else f"{row['stolen_s']:.2f} (first {row['first_call_stolen_s']:.2f})")
         lines.append(
-            f"| {row['workload']} | {row['system']} | {row['median_s']:.2f} ({row['min_s']:.2f}-{row['max_s']:.2f}) "
+            f"| {workload} | {row['system']} | {row['median_s']:.2f} ({row['min_s']:.2f}-{row['max_s']:.2f}) "
             f"| {row['first_call_s']:.2f} | {stolen} | {row['tokens_per_s']:.1f} | {row['gflops']:.1f} "
             f"| {100 * row['peak_fraction']:.0f}% | {row['peak_memory_mib']:.0f} "
             f"| {'' if ratio is None else f'{ratio:.2f}x'} | {'' if row['same_tokens_as_transformers'] is None else row['same_tokens_as_transformers']} |"
@@ -298,6 +320,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     parser.add_argument("--shape", choices=("tiny", *SHAPES), default="bart-base")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--latency-batches", type=int, nargs="*", default=[1, 4],
+                        help="also run W1 and W2 at these batch sizes (default: 1 4; none: only --batch)")
     parser.add_argument("--source-length", type=int, default=512)
     parser.add_argument("--target", type=int, default=142, help="W1 forced length")
     parser.add_argument("--greedy-target", type=int, default=128, help="W2 forced length")

@@ -1,6 +1,10 @@
-"""The systems the benchmark compares: bart_jax (fp32, bf16), transformers (eager,
-torch.compile) and CTranslate2 (fp32, int8), each behind one `run(workload)` call, and the
-workloads' shapes, options and model flops."""
+"""The systems the benchmark compares: bart_jax (fp32, bf16, int8), transformers (eager,
+torch.compile) and CTranslate2 (fp32, int8), each behind one `run(workload, batch)` call, and
+the workloads' shapes, options and model flops.
+
+`bart_jax_int8` is `load_pretrained(..., quantize="int8")` with the default layers: int8 weights
+and inputs quantized per row, float32 elsewhere (bart_jax/model/quantization.py), as
+CTranslate2's int8 compute type. It runs inference only (no W4)."""
 
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ TINY_SHAPE = dict(vocab_size=50265, d_model=64, encoder_layers=2, decoder_layers
                   decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
 BEAM_OPTIONS = dict(num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True,
                     forced_bos_token_id=0, forced_eos_token_id=2)
-SYSTEMS = ("bart_jax", "bart_jax_bf16", "transformers", "torch_compile", "ctranslate2", "ctranslate2_int8")
+SYSTEMS = ("bart_jax", "bart_jax_bf16", "bart_jax_int8", "transformers", "torch_compile", "ctranslate2",
+           "ctranslate2_int8")
 WORKLOADS = ("W1", "W2", "W3", "W4")
 # Systems that can run each workload.
 SUPPORTS = {
-    "bart_jax": WORKLOADS, "bart_jax_bf16": ("W1", "W2", "W3", "W4"), "transformers": WORKLOADS,
+    "bart_jax": WORKLOADS, "bart_jax_bf16": ("W1", "W2", "W3", "W4"), "bart_jax_int8": ("W1", "W2", "W3"),
+    "transformers": WORKLOADS,
     "torch_compile": WORKLOADS, "ctranslate2": ("W1", "W2", "W3"), "ctranslate2_int8": ("W1", "W2", "W3"),
 }
 
@@ -87,9 +93,11 @@ def matmul_peak_gflops(size: int = 1536, repeats: int = 5) -> float:
 
 
 # --- the shared inputs --------------------------------------------------------------------
-def source_ids(setup: Setup, vocab_size: int) -> np.ndarray:
+def source_ids(setup: Setup, vocab_size: int, batch: int | None = None) -> np.ndarray:
+    """[batch (default setup.batch), source_length] random ids from <s> to </s>; a smaller
+    batch holds the first rows of a larger one."""
     rng = np.random.default_rng(setup.seed)
-    ids = rng.integers(4, vocab_size, size=(setup.batch, setup.source_length))
+    ids = rng.integers(4, vocab_size, size=(batch or setup.batch, setup.source_length))
     ids[:, 0], ids[:, -1] = 0, 2
     return ids.astype(np.int64)
 
@@ -107,10 +115,10 @@ def generation_options(workload: str, setup: Setup) -> dict:
 
 # --- systems ------------------------------------------------------------------------------
 class BartJaxSystem:
-    def __init__(self, setup: Setup, dtype: str):
+    def __init__(self, setup: Setup, dtype: str, quantize: str | None = None):
         self.jax, self.jnp = jax, jnp
         compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-        self.model = load_pretrained(setup.model_dir, dtype=compute)
+        self.model = load_pretrained(setup.model_dir, dtype=compute, quantize=quantize)
         self.setup = setup
         self.input_ids = jnp.asarray(source_ids(setup, self.model.config.vocab_size), jnp.int32)
         self.mask = jnp.ones_like(self.input_ids)
@@ -142,8 +150,12 @@ class BartJaxSystem:
             self.train_state = (jax.jit(train_step, donate_argnums=(0, 1)), params, optimizer.init(params))
         return self.train_state
 
-    def run(self, workload: str):
+    def run(self, workload: str, batch: int | None = None):
+        """(result, generated ids or None) of `workload` on `batch` rows (default setup.batch)."""
         jax = self.jax
+        if batch not in (None, self.setup.batch):  # a latency row (generation only)
+            input_ids = jnp.asarray(source_ids(self.setup, self.model.config.vocab_size, batch), jnp.int32)
+            return None, self._generate(workload, input_ids, jnp.ones_like(input_ids))
         if workload == "W3":
             return jax.block_until_ready(self._encode(self.model.params, self.input_ids, self.mask)), None
         if workload == "W4":
@@ -151,10 +163,13 @@ class BartJaxSystem:
             params, opt_state, loss = step(params, opt_state, self.input_ids, self.mask, self.labels)
             self.train_state = (step, params, opt_state)
             return jax.block_until_ready(loss), None
+        return None, self._generate(workload, self.input_ids, self.mask)
+
+    def _generate(self, workload: str, input_ids, mask) -> np.ndarray:
         config = self._resolve(self.model.module, self.model.generation_config,
                                **generation_options(workload, self.setup))
-        output = self._generate_static(self.model.module, self.model.params, self.input_ids, self.mask, config, None)
-        return None, np.asarray(output.sequences)
+        output = self._generate_static(self.model.module, self.model.params, input_ids, mask, config, None)
+        return np.asarray(output.sequences)
 
 
 class TorchSystem:
@@ -187,8 +202,12 @@ class TorchSystem:
             self.training = (forward, self.torch.optim.AdamW(model.parameters(), lr=1e-4))
         return self.training
 
-    def run(self, workload: str):
+    def run(self, workload: str, batch: int | None = None):
         torch = self.torch
+        input_ids, mask = self.input_ids, self.mask
+        if batch not in (None, self.setup.batch):
+            input_ids = torch.as_tensor(source_ids(self.setup, self.model.config.vocab_size, batch))
+            mask = torch.ones_like(input_ids)
         if workload == "W3":
             with torch.no_grad():
                 return self.encoder(input_ids=self.input_ids, attention_mask=self.mask).last_hidden_state, None
@@ -200,8 +219,7 @@ class TorchSystem:
             optimizer.step()
             return loss, None
         with torch.no_grad():
-            ids = self.model.generate(self.input_ids, attention_mask=self.mask,
-                                      **generation_options(workload, self.setup))
+            ids = self.model.generate(input_ids, attention_mask=mask, **generation_options(workload, self.setup))
         return None, ids.numpy()
 
 
@@ -215,16 +233,19 @@ class CTranslate2System:
         with open(os.path.join(directory, "shared_vocabulary.json"), encoding="utf-8") as f:
             self.vocabulary = json.load(f)
         self.setup = setup
-        ids = source_ids(setup, len(self.vocabulary))
-        self.tokens = [[self.vocabulary[i] for i in row] for row in ids]
+        self.tokens = self._tokens(setup.batch)
 
-    def run(self, workload: str):
+    def _tokens(self, batch: int) -> list[list[str]]:
+        return [[self.vocabulary[i] for i in row] for row in source_ids(self.setup, len(self.vocabulary), batch)]
+
+    def run(self, workload: str, batch: int | None = None):
+        tokens = self.tokens if batch in (None, self.setup.batch) else self._tokens(batch)
         if workload == "W3":
             # CTranslate2 exposes no encoder-only call for seq2seq models: encoder + one greedy step.
-            return self.translator.translate_batch(self.tokens, beam_size=1, max_decoding_length=1), None
+            return self.translator.translate_batch(tokens, beam_size=1, max_decoding_length=1), None
         options = generation_options(workload, self.setup)
         results = self.translator.translate_batch(
-            self.tokens, beam_size=options["num_beams"], max_decoding_length=options["max_length"] - 1,
+            tokens, beam_size=options["num_beams"], max_decoding_length=options["max_length"] - 1,
             min_decoding_length=options["min_length"] - 1, length_penalty=options.get("length_penalty", 1.0),
             no_repeat_ngram_size=options.get("no_repeat_ngram_size", 0), return_end_token=True,
         )
@@ -239,6 +260,8 @@ def make_system(name: str, setup: Setup):
         return BartJaxSystem(setup, "float32")
     if name == "bart_jax_bf16":
         return BartJaxSystem(setup, "bfloat16")
+    if name == "bart_jax_int8":
+        return BartJaxSystem(setup, "float32", quantize="int8")
     if name in ("transformers", "torch_compile"):
         return TorchSystem(setup, compiled=name == "torch_compile")
     return CTranslate2System(setup, "int8" if name == "ctranslate2_int8" else "float32")

@@ -6,8 +6,13 @@ portable twin, and the policy that chooses between them.
                         [batch, slots, heads, head_dim] cache written with dynamic_update_slice
                         and read whole, `lax.top_k`, `jnp.argmax`);
     kernels="cpu"       the formulations tuned for XLA's CPU backend (docs/cpu-kernels.md);
+    kernels="tpu"       the TPU formulations where there are any, the portable ones elsewhere:
+                        attention without weights or dropout by the Pallas flash-attention
+                        kernel (attention_tpu.py), whose [batch, heads, query, key] scores never
+                        reach memory; the decoder cache and cross-attention keys/values keep the
+                        portable layout;
     kernels="auto"      the CPU formulation where the computation is compiled for a CPU, the
-                        portable one everywhere else.
+                        TPU one where it is compiled for a TPU, the portable one everywhere else.
 
 Results agree across policies (tests/model/kernels); speed, and the layouts of the decoder
 cache and of projected cross-attention keys/values, differ.
@@ -15,8 +20,8 @@ cache and of projected cross-attention keys/values, differ.
 How "auto" follows the platform compiled for, not the host that traces:
 - A kernel whose inputs and outputs are the same under both policies (`dispatch`) is traced
   both ways inside `lax.platform_dependent`; lowering keeps the branch of the platform it lowers
-  for. `jax.export` for "cuda" or an ahead-of-time compile for a TPU from a CPU host therefore
-  get the portable kernels.
+  for. `jax.export` for "cuda" therefore gets the portable kernels, an ahead-of-time compile for
+  a TPU from a CPU host the TPU ones.
 - A layout (the decoder cache, cross-attention keys/values) must be chosen while tracing
   (`layout`): "auto" takes the platform of the mesh set with `jax.set_mesh`, else JAX's default
   backend. `generate_static` with "auto" traces the whole generation under both layouts inside
@@ -32,7 +37,7 @@ from typing import Any, Callable, Optional
 import jax
 from jax import lax
 
-KERNELS = ("auto", "portable", "cpu")
+KERNELS = ("auto", "portable", "cpu", "tpu")
 
 
 def check_kernels(kernels: str) -> str:
@@ -44,18 +49,24 @@ def check_kernels(kernels: str) -> str:
 
 def for_platform(platform: str) -> str:
     """The concrete policy "auto" means on `platform` ("cpu", "cuda", "rocm", "tpu", ...)."""
-    return "cpu" if platform == "cpu" else "portable"
+    return platform if platform in ("cpu", "tpu") else "portable"
 
 
-def dispatch(kernels: str, cpu: Callable, portable: Callable, *args: Any) -> Any:
-    """`cpu(*args)` or `portable(*args)` as `kernels` says; with "auto", the one of the platform
-    being lowered for (`lax.platform_dependent`). Both must return the same types."""
+def dispatch(kernels: str, cpu: Callable, portable: Callable, *args: Any, tpu: Optional[Callable] = None) -> Any:
+    """`cpu(*args)`, `tpu(*args)` (`portable` where there is no `tpu`) or `portable(*args)` as
+    `kernels` says; with "auto", the one of the platform being lowered for
+    (`lax.platform_dependent`). All must return the same types."""
     check_kernels(kernels)
+    tpu = portable if tpu is None else tpu
     if kernels == "portable":
         return portable(*args)
     if kernels == "cpu":
         return cpu(*args)
-    return lax.platform_dependent(*args, cpu=cpu, default=portable)
+    if kernels == "tpu":
+        return tpu(*args)
+    if tpu is portable:
+        return lax.platform_dependent(*args, cpu=cpu, default=portable)
+    return lax.platform_dependent(*args, cpu=cpu, tpu=tpu, default=portable)
 
 
 def float32_precision() -> Optional[lax.Precision]:
@@ -76,9 +87,11 @@ def trace_platform() -> str:
 
 def layout(kernels: str) -> str:
     """The concrete layout ("portable" or "cpu") of caches and cross-attention keys/values
-    under `kernels`, chosen while tracing ("auto": `trace_platform`)."""
+    under `kernels`, chosen while tracing ("auto": `trace_platform`). The TPU kernels keep the
+    portable layout."""
     check_kernels(kernels)
-    return for_platform(trace_platform()) if kernels == "auto" else kernels
+    concrete = for_platform(trace_platform()) if kernels == "auto" else kernels
+    return "cpu" if concrete == "cpu" else "portable"
 
 
 def platform_of(tree: Any = None, mesh: Optional[jax.sharding.Mesh] = None) -> str:

@@ -13,6 +13,10 @@ Portable: two einsums and a softmax, every layout as the projections give it; wh
 are returned and no attention dropout applies, `jax.nn.dot_product_attention` (cuDNN's fused
 attention on GPU).
 
+TPU (attention_tpu.py): where no weights are returned and no attention dropout applies, the
+Pallas flash-attention kernel, for the masks and shapes it takes (`flash_applies`); the portable
+path otherwise.
+
 CPU (docs/cpu-kernels.md): heads lead ([batch, heads, ...]) and keys are transposed
 ([batch, heads, head_dim, key]) so that each matmul reads its operands as stored; the softmax's
 normalisation applied to the output; a single query row padded with a zero second row; long
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bart_jax.model.kernels import dispatch, float32_precision
+from bart_jax.model.kernels.attention_tpu import attend_flash, flash_applies
 from bart_jax.model.kernels.linear import einsum_product, full_precision
 from bart_jax.model.partitioning import sharding_active
 
@@ -187,13 +192,26 @@ def attend(query: Array, key: Array, value: Array, mask: Optional[Array], dtype:
     return dispatch(kernels, run(attend_cpu), run(attend_portable), query, key, value)
 
 
+def attend_tpu(query: Array, key: Array, value: Array, mask: Optional[Array], dtype: Dtype,
+               causal: bool = False) -> Array:
+    """`attend_fused`'s output on TPU: the Pallas flash-attention kernel where it takes these
+    shapes and mask (`flash_applies`, decided while tracing), `attend_fused` otherwise.
+    Returns output [b, q, h, d] float32."""
+    if flash_applies(query.shape, key.shape, None if mask is None else mask.shape, causal):
+        return attend_flash(query, key, value, mask, dtype, causal)
+    return attend_fused(query, key, value, mask, dtype)
+
+
 def attend_output(query: Array, key: Array, value: Array, mask: Optional[Array], dtype: Dtype,
-                  kernels: str = "auto") -> Array:
+                  kernels: str = "auto", causal: bool = False) -> Array:
     """`attend`'s output alone, for calls that need no weights and no dropout: the portable
-    policy runs the fused `attend_fused`. Returns output [b, q, h, d] float32."""
+    policy runs the fused `attend_fused`, the TPU one `attend_tpu`. `causal`: the mask is a
+    causal mask combined with a key mask (self-attention without a cache, as many queries as
+    keys), which lets the TPU kernel apply it as such; the other kernels just apply the mask.
+    Returns output [b, q, h, d] float32."""
 
     def run(implementation):
         return lambda q, k, v: implementation(q, k, v, mask, dtype)
 
     return dispatch(kernels, lambda q, k, v: attend_cpu(q, k, v, mask, dtype)[0], run(attend_fused),
-                    query, key, value)
+                    query, key, value, tpu=lambda q, k, v: attend_tpu(q, k, v, mask, dtype, causal))

@@ -10,6 +10,9 @@ backend multiplies a transposed copy of the weight (1.6x slower in bf16, 32 rows
 products of up to `WEIGHT_FIRST_ROWS` rows multiplied weight-first, `weight @ rows.T`; the LM
 head weight-first up to `FEW_ROWS` rows.
 
+A weight stored as int8 (`QuantizedWeight`, `load_pretrained(..., quantize=...)`) is multiplied
+by the quantized twins of kernels/quantized_linear.py.
+
 Both share `low_precision_product` for bfloat16/float16 operands: the backward products in the
 operands' dtype, as mixed-precision training does, and as fast accelerators need too.
 """
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bart_jax.model.kernels import dispatch, float32_precision
+from bart_jax.model.kernels import dispatch, float32_precision, quantized_linear
 
 Dtype = Any
 
@@ -175,6 +178,8 @@ def vocabulary_cpu(inputs: jax.Array, weight: jax.Array, dtype: Dtype) -> jax.Ar
 def project(inputs: jax.Array, weight: jax.Array, bias: Optional[jax.Array], dtype: Dtype,
             kernels: str = "auto") -> jax.Array:
     """inputs [..., in] @ weight [out, in].T (+ bias [out]), operands in `dtype`: float32 [..., out]."""
+    if isinstance(weight, quantized_linear.QuantizedWeight):
+        return quantized_linear.project(inputs, weight, bias, dtype, kernels)
     if bias is None:
         return dispatch(kernels, lambda x, w: project_cpu(x, w, None, dtype),
                         lambda x, w: project_portable(x, w, None, dtype), inputs, weight)
@@ -184,5 +189,7 @@ def project(inputs: jax.Array, weight: jax.Array, bias: Optional[jax.Array], dty
 
 def vocabulary_product(inputs: jax.Array, weight: jax.Array, dtype: Dtype, kernels: str = "auto") -> jax.Array:
     """The LM head's product: inputs [..., in] @ weight [vocab, in].T -> float32 [..., vocab]."""
+    if isinstance(weight, quantized_linear.QuantizedWeight):
+        return quantized_linear.vocabulary_product(inputs, weight, dtype, kernels)
     return dispatch(kernels, lambda x, w: vocabulary_cpu(x, w, dtype),
                     lambda x, w: project_portable(x, w, None, dtype), inputs, weight)
