@@ -37,6 +37,7 @@ from bart_jax.generation.generate import resolve_generation_config
 from bart_jax.model.heads import BartForConditionalGeneration
 from bart_jax.model.kernels import KERNELS, for_platform
 from bart_jax.model.layers import REMAT_POLICIES
+from bart_jax.model.quantization import MODES
 
 if TYPE_CHECKING:
     from bart_jax.apps.aot_programs import Shapes
@@ -76,6 +77,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--scan-layers", action="store_true", help="each layer stack as one scan")
     parser.add_argument("--remat-policy", choices=REMAT_POLICIES, default="none", help="layer rematerialisation")
     parser.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches of the train step")
+    parser.add_argument("--quantize", choices=tuple(MODES), default=None,
+                        help="int8 weights, as load_pretrained(..., quantize=...) holds them (inference workloads)")
     parser.add_argument("--kernels", choices=KERNELS, default="auto",
                         help="backend formulations compiled: those of --platform (auto; on TPU the Pallas flash "
                              "attention), or one policy, e.g. portable to compare; default: %(default)s")
@@ -175,6 +178,8 @@ class Compiler:
                   "per_chip_batch": shapes.batch // self.shards if shapes.batch % self.shards == 0 else
                   shapes.batch / self.shards,
                   "source_length": shapes.source_length, "kernels": self.module.kernels}
+        if self.args.quantize:
+            record["quantize"] = self.args.quantize
         if workload in ("forward", "train"):
             record["target_length"] = shapes.target_length
         if workload == "train":
@@ -198,7 +203,8 @@ class Compiler:
         return _programs().Shapes(batch, args.source_length, args.target_length, args.accumulation_steps)
 
     def program(self, workload: str, shapes: Shapes, mesh: Optional[jax.sharding.Mesh]):
-        return _programs().build_program(workload, self.module, shapes, mesh, self.generation_config)
+        return _programs().build_program(workload, self.module, shapes, mesh, self.generation_config,
+                                         self.args.quantize)
 
     def compile_tpu(self, workload: str, shapes: Shapes, step_cost: bool = True) -> dict:
         """Compiles `workload` for the topology: whether it compiled (or the compiler's error),
@@ -272,6 +278,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.find_max_batch and args.platform != "tpu":
         raise ValueError("--find-max-batch needs --platform tpu (a CUDA lowering has no memory analysis)")
     workloads = list(WORKLOADS) if "all" in args.workload else list(dict.fromkeys(args.workload))
+    if args.quantize and "train" in workloads:
+        raise ValueError("--quantize is for inference workloads: train keeps float weights")
     try:
         compiler = Compiler(args)
     except RuntimeError as error:  # no libtpu, or a topology it does not know

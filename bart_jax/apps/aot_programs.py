@@ -21,6 +21,7 @@ from bart_jax import parallel
 from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.generate import generate_static
 from bart_jax.model.cache import cache_shapes
+from bart_jax.model.quantization import quantize_params
 from bart_jax.model.registry import init_inputs
 from bart_jax.training.objectives import make_objective
 from bart_jax.training.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
@@ -71,11 +72,13 @@ def _ids(*shape: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
 
-def param_structs(module) -> Any:
-    """The module's parameters as ShapeDtypeStructs (stacked layers with scan_layers)."""
+def param_structs(module, quantize: Optional[str] = None) -> Any:
+    """The module's parameters as ShapeDtypeStructs (stacked layers with scan_layers); with
+    `quantize` ("int8", "int8-weights"), the weights as `load_pretrained(..., quantize=...)` holds them."""
     init_module = module.clone(kernels="portable")  # the same parameters under every policy, traced once
     inputs = init_inputs(module.config)
-    return jax.eval_shape(lambda: init_module.init(jax.random.PRNGKey(0), **inputs))["params"]
+    params = jax.eval_shape(lambda: init_module.init(jax.random.PRNGKey(0), **inputs))["params"]
+    return params if quantize is None else jax.eval_shape(lambda p: quantize_params(p, quantize), params)
 
 
 def _param_shardings(params, mesh: Optional[Mesh]):
@@ -92,8 +95,8 @@ def _checked(mesh: Optional[Mesh], batch: Any, batch_axis: int = 0) -> None:
         parallel.check_batch(batch, mesh, batch_axis=batch_axis)
 
 
-def encode_program(module, shapes: Shapes, mesh: Optional[Mesh]) -> Program:
-    params = param_structs(module)
+def encode_program(module, shapes: Shapes, mesh: Optional[Mesh], quantize: Optional[str] = None) -> Program:
+    params = param_structs(module, quantize)
     batch = {"input_ids": _ids(shapes.batch, shapes.source_length),
              "attention_mask": _ids(shapes.batch, shapes.source_length)}
     _checked(mesh, batch)
@@ -105,8 +108,8 @@ def encode_program(module, shapes: Shapes, mesh: Optional[Mesh]) -> Program:
     return Program(encode, (params, batch), shardings)
 
 
-def forward_program(module, shapes: Shapes, mesh: Optional[Mesh]) -> Program:
-    params = param_structs(module)
+def forward_program(module, shapes: Shapes, mesh: Optional[Mesh], quantize: Optional[str] = None) -> Program:
+    params = param_structs(module, quantize)
     batch = {"input_ids": _ids(shapes.batch, shapes.source_length),
              "attention_mask": _ids(shapes.batch, shapes.source_length),
              "decoder_input_ids": _ids(shapes.batch, shapes.target_length)}
@@ -123,9 +126,10 @@ def _prng_key(config: GenerationConfig) -> Optional[jax.ShapeDtypeStruct]:
     return jax.ShapeDtypeStruct((2,), jnp.uint32) if config.do_sample else None
 
 
-def generate_program(module, shapes: Shapes, mesh: Optional[Mesh], config: GenerationConfig) -> Program:
+def generate_program(module, shapes: Shapes, mesh: Optional[Mesh], config: GenerationConfig,
+                     quantize: Optional[str] = None) -> Program:
     """`generate_static` as `bart_jax.parallel.jit_generate` runs it; `config` resolved."""
-    params = param_structs(module)
+    params = param_structs(module, quantize)
     input_ids, attention_mask = _ids(shapes.batch, shapes.source_length), _ids(shapes.batch, shapes.source_length)
     _checked(mesh, (input_ids, attention_mask))
 
@@ -139,10 +143,11 @@ def generate_program(module, shapes: Shapes, mesh: Optional[Mesh], config: Gener
     return Program(generate, (params, input_ids, attention_mask, _prng_key(config)), shardings)
 
 
-def decode_step_program(module, shapes: Shapes, mesh: Optional[Mesh], config: GenerationConfig) -> Program:
+def decode_step_program(module, shapes: Shapes, mesh: Optional[Mesh], config: GenerationConfig,
+                        quantize: Optional[str] = None) -> Program:
     """One step of the generation loop's decoder (`decode_step`, as `jit_decode_step` runs it)
     over a cache of `config.max_length` positions: the model's part of each new token's cost."""
-    params = param_structs(module)
+    params = param_structs(module, quantize)
     rows_per_input = config.num_beams if config.num_beams > 1 else config.num_return_sequences
     rows = shapes.batch * rows_per_input
     cache = cache_shapes(module.config, shapes.batch, config.max_length, rows_per_input, module.dtype, "portable")
@@ -191,16 +196,19 @@ def train_program(module, shapes: Shapes, mesh: Optional[Mesh], *, weight_decay:
 
 
 def build_program(workload: str, module, shapes: Shapes, mesh: Optional[Mesh],
-                  generation_config: Optional[GenerationConfig] = None) -> Program:
-    """The program of `workload` ("encode", "forward", "generate", "decode" or "train")."""
+                  generation_config: Optional[GenerationConfig] = None, quantize: Optional[str] = None) -> Program:
+    """The program of `workload` ("encode", "forward", "generate", "decode" or "train"); `quantize`:
+    int8 weights for the inference workloads (bart_jax/model/quantization.py)."""
+    if quantize is not None and workload == "train":
+        raise ValueError("--quantize is for inference: the train workload keeps float weights")
     if workload == "encode":
-        return encode_program(module, shapes, mesh)
+        return encode_program(module, shapes, mesh, quantize)
     if workload == "forward":
-        return forward_program(module, shapes, mesh)
+        return forward_program(module, shapes, mesh, quantize)
     if workload == "generate":
-        return generate_program(module, shapes, mesh, generation_config)
+        return generate_program(module, shapes, mesh, generation_config, quantize)
     if workload == "decode":
-        return decode_step_program(module, shapes, mesh, generation_config)
+        return decode_step_program(module, shapes, mesh, generation_config, quantize)
     if workload == "train":
         return train_program(module, shapes, mesh)
     raise ValueError(f"unknown workload {workload!r}; choose from encode, forward, generate, decode, train")

@@ -278,8 +278,8 @@ def train(arguments: TrainingArguments) -> dict[str, Any]:
             null_score_threshold=arguments.null_score_diff_threshold, mesh=mesh,
         )
 
-    logger.info("training %s for %d steps of %d examples (%s per epoch) from step %d", model.head,
-                setup.total_steps, batch_size, setup.steps_per_epoch or "documents packed,", step)
+    logger.info("training %s for %d steps of %d examples (%s) from step %d", model.head, setup.total_steps,
+                batch_size, f"{setup.steps_per_epoch} per epoch" if setup.steps_per_epoch else "packed blocks", step)
     last_logged: dict[str, Any] = {}
     last_evaluation_step = None
     stopped = tracker is not None and tracker.stopped

@@ -94,6 +94,21 @@ def test_tpu_compiles_the_pallas_flash_attention(tiny_preset):
     assert "tpu_custom_call" not in portable["custom_calls"], portable["custom_calls"]
 
 
+def test_tpu_compiles_int8_weights_in_less_memory_than_bfloat16(tiny_preset):
+    """--quantize: the parameters as load_pretrained(..., quantize=...) holds them, split by the
+    rules; the int8 values and their scales take less argument memory per chip than bf16 weights
+    (at bart-large-cnn's size, half: docs/performance.md)."""
+    require_tpu_compiler()
+    common = ("--platform", "tpu", "--topology", "v5e:2x2", "--preset", tiny_preset, "--mesh", "data=2,tensor=2",
+              "--batch-size", "4", "--source-length", "16", "--max-new-tokens", "4", "--dtype", "bfloat16",
+              "--param-dtype", "bfloat16", "--no-step-cost")
+    (bfloat16,) = run_aot(*common, "--workload", "encode")
+    encode, generate = run_aot(*common, "--workload", "encode", "generate", "--quantize", "int8")
+    assert encode["compiled"] and generate["compiled"], (encode["error"], generate["error"])
+    assert encode["quantize"] == generate["quantize"] == "int8" and "quantize" not in bfloat16
+    assert encode["memory"]["arguments"] < bfloat16["memory"]["arguments"], (encode["memory"], bfloat16["memory"])
+
+
 def test_tpu_find_max_batch_stops_at_the_limit(tiny_preset):
     require_tpu_compiler()
     (record,) = run_aot("--platform", "tpu", "--topology", "v5e-4", "--preset", tiny_preset, "--workload", "encode",
