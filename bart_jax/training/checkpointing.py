@@ -168,8 +168,7 @@ class Checkpointer:
                 target, suffix = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}-{suffix}"), suffix + 1
             os.replace(path, target)
             logger.warning("moved the damaged checkpoint of step %d to %s", step, target)
-        if jax.process_count() > 1:
-            sync(f"bart_jax set aside step {step}")
+        sync(f"bart_jax set aside step {step}")
 
     def progress(self, step: int) -> dict:
         """The progress record (dropout key, best-model tracking) of `step` alone."""

@@ -35,14 +35,11 @@ def evaluate(task: str, eval_step: Callable, params: Any, data: TaskData, model:
     if predict_with_generate and task == "seq2seq" and mesh is not None:
         config = resolve_generation_config(model.module, model.generation_config, **(generation_options or {}))
         sharded_generate = parallel.jit_generate(model.module, mesh, jax.tree.map(lambda x: x.sharding, params), config)
-    several_processes = mesh is not None and jax.process_count() > 1
-    # With several processes, results are global arrays that no process holds whole.
-    host = to_host if several_processes else (lambda tree: tree)
     for indices in evaluation_batches(len(data), batch_size):
         batch = collate(data, indices, EVALUATION_EPOCH, pad_token_id)
         batch = {name: np.asarray(value, np.int32) if name in ("input_ids", "attention_mask") else value
                  for name, value in batch.items()}
-        if several_processes:
+        if mesh is not None and jax.process_count() > 1:
             # Every process holds the whole validation batch: placed shard by shard here, since
             # JAX refuses host arrays for sharded inputs when there are several processes.
             batch = jax.device_put(batch, parallel.batch_sharding(mesh))
@@ -52,12 +49,13 @@ def evaluate(task: str, eval_step: Callable, params: Any, data: TaskData, model:
         real = indices >= 0
         for name in ("logits", "start_logits", "end_logits"):
             if name in result:
-                outputs.setdefault(name, []).append(np.asarray(host(result[name]))[real])
+                # With several processes, a global array that no process holds whole.
+                outputs.setdefault(name, []).append(to_host(result[name])[real])
         if predict_with_generate and task == "seq2seq":
             if sharded_generate is not None:
                 output = sharded_generate(params, batch["input_ids"], batch["attention_mask"])
-                sequences, lengths = host((output.sequences, output.lengths))
-                generated = np.asarray(sequences)[:, :int(np.max(np.asarray(lengths)))]
+                sequences, lengths = to_host((output.sequences, output.lengths))
+                generated = sequences[:, :int(lengths.max())]
             else:
                 generated = generate(model.module, params, batch["input_ids"], batch["attention_mask"],
                                      model.generation_config, **(generation_options or {}))

@@ -49,10 +49,11 @@ def validation_records(arguments: TrainingArguments) -> Optional[list]:
         source = open_source(arguments.validation_file, arguments.max_eval_samples)
     else:
         return None
-    return [source[i] for i in range(len(source))]
+    return records_of(source)
 
 
 def records_of(source: Any) -> list:
+    """Every record of a source, read whole."""
     return [source[i] for i in range(len(source))]
 
 
