@@ -27,9 +27,9 @@ VOCAB = 50265
 SHAPE = dict(vocab_size=VOCAB, d_model=256, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
              decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_position_embeddings=256)
 WEIGHT_SCALES = (0.05, 0.1, 0.2, 0.3)  # init_std; logits from about 5 to 25
-# bart_jax's mean error over the models, as a multiple of transformers' (measured: 1.30x portable,
-# 1.42x CPU), and its largest error on any model (measured: at most 2.2x).
-MEAN_ERROR_BOUND = 1.5
+# bart_jax's mean error over the models, as a multiple of transformers' (measured: 0.86x portable,
+# 1.42x CPU), and its largest error on any model (measured: at most 2.2x, CPU).
+MEAN_ERROR_BOUND = {"portable": 1.0, "cpu": 1.5}
 MAX_ERROR_BOUND = 2.5
 
 
@@ -62,7 +62,7 @@ def test_float32_error_against_float64_is_close_to_transformers(kernels):
                                                          for name, (worst, mean) in row.items())
                        for scale, row in table.items())
     ratios = [row[kernels][1] / row["transformers"][1] for row in table.values()]
-    assert np.mean(ratios) <= MEAN_ERROR_BOUND, (
+    assert np.mean(ratios) <= MEAN_ERROR_BOUND[kernels], (
         f"kernels={kernels}: mean error {np.mean(ratios):.2f}x transformers' against float64\n{report}")
     for scale, row in table.items():
         assert row[kernels][0] <= MAX_ERROR_BOUND * row["transformers"][0], (

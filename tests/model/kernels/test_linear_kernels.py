@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bart_jax.model.kernels.linear import (WEIGHT_FIRST_ROWS, low_precision_product, project_cpu, project_portable,
+from bart_jax.model.kernels.linear import (ACCUMULATION_BLOCKS, WEIGHT_FIRST_ROWS, low_precision_product, project_cpu, project_portable,
                                            vocabulary_cpu)
 
 
@@ -119,3 +119,25 @@ def test_portable_float32_products_run_at_highest_precision_unless_the_user_choo
         assert "HIGHEST" not in jaxpr(), "the user's matmul precision was overridden"
     bf16 = str(jax.make_jaxpr(lambda x, w: project_portable(x, w, None, jnp.bfloat16))(inputs, weight))
     assert "HIGHEST" not in bf16, "bfloat16 products forced to HIGHEST"
+
+
+def test_portable_float32_product_sums_in_blocks_on_cpu_only_and_more_accurately():
+    # On a CPU the portable product sums its contraction in ACCUMULATION_BLOCKS blocks (XLA's CPU
+    # kernels accumulate long runs sequentially); other platforms get one product.
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((64, 1024)).astype(np.float32)
+    weight = (0.05 * rng.standard_normal((256, 1024))).astype(np.float32)
+    exact = inputs.astype(np.float64) @ weight.T.astype(np.float64)
+
+    def run(x, w):
+        return project_portable(x, w, None, jnp.float32)
+
+    blocked = np.asarray(jax.jit(run)(inputs, weight))
+    single = np.asarray(jax.jit(lambda x, w: x @ w.T)(inputs, weight))
+    blocked_error, single_error = np.abs(blocked - exact).mean(), np.abs(single - exact).mean()
+    assert blocked_error < single_error, (
+        f"blocked sums: mean error {blocked_error:.3g} against float64, one product {single_error:.3g}")
+    texts = {platform: jax.export.export(jax.jit(run), platforms=[platform])(inputs, weight).mlir_module()
+             for platform in ("cpu", "cuda", "tpu")}
+    counts = {platform: text.count("stablehlo.dot_general") for platform, text in texts.items()}
+    assert counts == {"cpu": ACCUMULATION_BLOCKS, "cuda": 1, "tpu": 1}, f"dot_general ops by platform: {counts}"
