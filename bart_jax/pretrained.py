@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import inspect
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,27 @@ def _resolve_head(config: BartConfig, head: Optional[str]) -> str:
     return head_from_config(config) if config.architectures else DEFAULT_HEAD
 
 
+def _placement(quantize: Optional[str], quantize_layers: tuple, param_dtype: Any,
+               mesh: Optional[jax.sharding.Mesh]) -> Callable[[tuple[str, ...], Any], Any]:
+    """What the loader does with each parameter as it is read (`transform` of the conversions):
+    quantize it (if asked and of `quantize_layers`), cast it to `param_dtype` and, without a mesh,
+    put it on the device, before the next is read. So the float tree of an int8 model never exists
+    whole, and a float model is never held twice (host and device) at once. With a mesh, the
+    host tree is placed whole afterwards (`parallel.shard_params`, one shard per device)."""
+
+    def place(path: tuple[str, ...], array: Any) -> Any:
+        if mesh is None:
+            # On the device once: host (numpy) params would be copied again by every jitted call.
+            array = jax.device_put(array)
+        if quantize is not None:  # from the checkpoint's own values; the scales stay float32
+            array = quantization.quantize_leaf(path, array, quantize, quantize_layers)
+        # Waited for, so that the host copy goes as soon as the caller drops it: a transfer or
+        # computation still holding it would leave it to Python's next garbage collection.
+        return jax.block_until_ready(conversion.cast_leaf(array, param_dtype))
+
+    return place
+
+
 def load_pretrained(
     path_or_hub_id: str | os.PathLike,
     head: Optional[str] = None,
@@ -126,7 +147,9 @@ def load_pretrained(
     classification head on bart-large); without them such a load is an error, never a silent
     random init. strict: tensors of the checkpoint that `head` does not use are an error.
     mesh, rules: place each parameter straight from the host copy onto its shards of `mesh`
-    (`bart_jax.parallel.shard_params`; rules default to `parallel.RULES`).
+    (`bart_jax.parallel.shard_params`; rules default to `parallel.RULES`); without a mesh each
+    parameter goes to the device as it is read, and with quantize each weight is quantized as it
+    is read: the float checkpoint is never held whole besides the loaded model.
     kernels: "auto" (the formulations of the platform the parameters are placed on: the returned
     module's `kernels` names it), "portable", "cpu" or "tpu" (see bart_jax/model/kernels/); the results agree.
     quantize: "int8" (int8 weights, products of int8 inputs quantized per row) or "int8-weights"
@@ -136,33 +159,30 @@ def load_pretrained(
     check_kernels(kernels)
     quantize, quantize_layers = quantization.check_quantize(quantize, quantize_layers)
     directory = resolve_model_directory(path_or_hub_id, revision=revision)
-    if files.is_converted_directory(directory):
-        config, params, saved_head = files.load_converted(directory)
+    config = BartConfig.from_pretrained(directory)
+    converted = files.is_converted_directory(directory)
+    if converted:
+        marker = files.read_marker(directory)
+        saved_head = marker["head"]
         head = _resolve_head(config, head or saved_head)
-        saved = quantization.quantization_of(params)
-        if saved is not None:
+        if marker.get("quantize") is not None:
+            saved = {key: marker[key] for key in ("quantize", "quantize_layers")}
             if quantize is not None and (quantize, list(quantize_layers)) != (saved["quantize"], saved["quantize_layers"]):
                 raise ValueError(f"{directory} holds weights quantized as {saved}; load it without quantize, "
                                  "or quantize from the float checkpoint")
             if head != saved_head:
                 raise ValueError(f"{directory} holds quantized {saved_head} weights; load it as {saved_head}")
             quantize = None
-        if head != saved_head:
-            state = conversion.flax_to_hf(params, config, saved_head)
-            params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict)
     else:
-        config = BartConfig.from_pretrained(directory)
         head = _resolve_head(config, head)
-        state = files.load_hf_state_dict(directory)
-        params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict)
-    if quantize is not None:  # from the checkpoint's own values; the scales stay float32
-        params = quantization.quantize_params(params, quantize, quantize_layers)
-    params = conversion.cast_params(params, param_dtype)
+    place = _placement(quantize, quantize_layers, param_dtype, mesh)
+    if converted and head == saved_head:
+        params = files.load_converted(directory, transform=place)[1]
+    else:  # read under Hugging Face names, converted to `head`
+        state = files.open_converted_as_hf(directory) if converted else files.open_hf_state_dict(directory)
+        params = conversion.hf_to_flax(state, config, head, head_params=head_params, strict=strict, transform=place)
     if mesh is not None:
         params = parallel.shard_params(params, mesh, parallel.RULES if rules is None else rules)
-    else:
-        # On the device once: host (numpy) params would be copied again by every jitted call.
-        params = jax.device_put(params)
     spec = head_spec(head)
     # "auto" settled by where the parameters were placed: the module then traces once.
     module = settled(spec.module(config, dtype=dtype, param_dtype=param_dtype, kernels=kernels), params, mesh)

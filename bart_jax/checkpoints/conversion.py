@@ -17,8 +17,8 @@ converting never needs an initialised model.
 
 Modules built with `scan_layers=True` keep each layer stack as one `layers` subtree whose
 arrays have a leading layer axis; `stack_layers` / `unstack_layers` switch between the two
-layouts, `hf_to_flax(..., scan_layers=True)` produces the stacked one and `flax_to_hf`
-accepts either.
+layouts (bart_jax/checkpoints/stacking.py), `hf_to_flax(..., scan_layers=True)` produces the
+stacked one and `flax_to_hf` accepts either.
 
 Tied word embeddings (`config.tie_word_embeddings`, the default): the Flax tree holds one
 table (`shared`, or `decoder/embed_tokens` for `BartForCausalLM`), and the Hugging Face keys
@@ -30,19 +30,21 @@ transformers 5 keeps separate `shared`, `encoder.embed_tokens`, `decoder.embed_t
 
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from bart_jax.checkpoints.stacking import NUMBERED_LAYER, stack_layers, unstack_layers
 from bart_jax.config import BartConfig
 from bart_jax.model.kernels.quantized_linear import QuantizedWeight
 from bart_jax.model.registry import BASE_MODEL, REGISTRY, HeadSpec, head_spec, param_shapes
 
 Params = dict[str, Any]
+# transform(path, array) -> leaf: what a conversion makes of each parameter as it is read.
+Transform = Callable[[tuple[str, ...], Any], Any]
 
 # Flax leaf name -> Hugging Face parameter name.
 LEAF_RULES = {
@@ -53,7 +55,6 @@ LEAF_RULES = {
 }
 # Tensors with the same name in both formats.
 BUFFERS = ("final_logits_bias",)
-_FLAX_LAYER = re.compile(r"^layers_(\d+)$")
 
 # Parts that some heads have and others lack: a checkpoint tensor under one of them that the
 # target head lacks is reported as unused (e.g. lm_head when loading a classifier), whereas any
@@ -90,7 +91,7 @@ def hf_key(flax_path: tuple[str, ...]) -> str:
     """The Hugging Face state-dict key of a Flax parameter path, e.g.
     ("model", "encoder", "layers_0", "fc1", "weight") -> "model.encoder.layers.0.fc1.weight"."""
     *modules, leaf = flax_path
-    names = [_FLAX_LAYER.sub(r"layers.\1", module) for module in modules]
+    names = [NUMBERED_LAYER.sub(r"layers.\1", module) for module in modules]
     return ".".join(names + [leaf if leaf in BUFFERS else LEAF_RULES[leaf]])
 
 
@@ -136,21 +137,28 @@ def _check_config(config: BartConfig) -> None:
         raise ValueError(f"expected a bart_jax BartConfig, got {type(config).__name__}")
 
 
-def check_params(params: Params, config: BartConfig, head: str) -> None:
-    """Raises ValueError naming every missing, extra or mis-shaped parameter of `params`."""
+def check_shapes(found: Mapping[str, tuple], config: BartConfig, head: str) -> None:
+    """Raises ValueError naming every missing, extra or mis-shaped parameter of `found`, the
+    shapes of a parameter tree by "/"-joined path (what `check_params` checks, without the values)."""
     _check_config(config)
     expected = traverse_util.flatten_dict(expected_flax_shapes(config, head), sep="/")
-    found = traverse_util.flatten_dict(params, sep="/")
     missing = [path for path in expected if path not in found]
     extra = [path for path in found if path not in expected]
     wrong = [
-        f"{path} (expected {expected[path]}, found {tuple(np.shape(value))})"
-        for path, value in found.items()
-        if path in expected and tuple(np.shape(value)) != expected[path]
+        f"{path} (expected {expected[path]}, found {tuple(shape)})"
+        for path, shape in found.items()
+        if path in expected and tuple(shape) != expected[path]
     ]
     problems = _mismatches(missing, extra, wrong)
     if problems:
         raise ValueError(f"parameters do not match {head} with this config: {problems}")
+
+
+def check_params(params: Params, config: BartConfig, head: str) -> None:
+    """Raises ValueError naming every missing, extra or mis-shaped parameter of `params`."""
+    _check_config(config)
+    found = traverse_util.flatten_dict(params, sep="/")
+    check_shapes({path: tuple(np.shape(value)) for path, value in found.items()}, config, head)
 
 
 # --- Hugging Face -> Flax -----------------------------------------------------------------
@@ -178,30 +186,42 @@ def _flat_head_params(head_params: Params | None, expected: Mapping[tuple, tuple
     return flat
 
 
+def _stored_shapes(state_dict: Mapping[str, Any]) -> Mapping[str, tuple]:
+    """The shape of each tensor of `state_dict` by key: its `shapes` where it has them (a
+    `reader.LazyTensors`, whose values are read from disk on access), else its values' shapes."""
+    shapes = getattr(state_dict, "shapes", None)
+    return shapes if shapes is not None else {key: tuple(np.shape(value)) for key, value in state_dict.items()}
+
+
 def _gather_word_embeddings(
-    checkpoint: dict[str, Any], original: Mapping[str, str], config: BartConfig, spec: HeadSpec
+    state_dict: Mapping[str, Any], stored: Mapping[str, tuple], original: Mapping[str, str],
+    sources: dict[str, str], config: BartConfig, spec: HeadSpec,
 ) -> set[str]:
-    """Puts the word-embedding table under the key the target keeps, after checking that the
-    tied copies the checkpoint stores agree with it and that its rows match the vocabulary.
-    Returns the checkpoint keys consumed."""
+    """Points the key of the word-embedding table the target keeps at the tensor that holds it
+    (`sources`: prefixed key -> checkpoint key), after checking that the tied copies the
+    checkpoint stores agree with it and that its rows match the vocabulary. Returns the
+    (prefixed) checkpoint keys consumed. Tensors are read only to compare tied copies."""
     embedding_key, aliases = _tied_embedding_keys(config, spec)
-    present = [key for key in (embedding_key, *aliases) if key in checkpoint]
+    present = [key for key in (embedding_key, *aliases) if key in original]
     if not present:
         return set()  # reported as missing later
-    table = np.asarray(checkpoint[present[0]])
-    for alias in present[1:]:
-        value = np.asarray(checkpoint[alias])
-        if value.shape != table.shape or not np.array_equal(value, table):
-            raise ValueError(
-                f"{original[alias]} should be a tied copy of {original[present[0]]} "
-                f"(tie_word_embeddings is true) but differs from it"
-            )
-    if table.ndim == 2 and table.shape[0] != config.vocab_size:
+    source = original[present[0]]
+    if len(present) > 1:
+        table = np.asarray(state_dict[source])
+        for alias in present[1:]:
+            if tuple(stored[original[alias]]) != table.shape or not np.array_equal(
+                    np.asarray(state_dict[original[alias]]), table):
+                raise ValueError(
+                    f"{original[alias]} should be a tied copy of {source} "
+                    f"(tie_word_embeddings is true) but differs from it"
+                )
+    shape = tuple(stored[source])
+    if len(shape) == 2 and shape[0] != config.vocab_size:
         raise ValueError(
             f"config.vocab_size is {config.vocab_size} but the checkpoint's word embeddings "
-            f"({original[present[0]]}) have {table.shape[0]} rows"
+            f"({source}) have {shape[0]} rows"
         )
-    checkpoint[embedding_key] = table
+    sources[embedding_key] = source
     return set(present)
 
 
@@ -220,6 +240,8 @@ def convert_hf_state_dict(
     head: str,
     *,
     head_params: Params | None = None,
+    strict: bool = False,
+    transform: Transform | None = None,
 ) -> Conversion:
     """Converts a Hugging Face BART state dict into the Flax parameter tree of `head`.
 
@@ -230,10 +252,17 @@ def convert_hf_state_dict(
     `{"classification_head": {...}}`); checkpoint values take precedence over it. A missing
     `final_logits_bias` starts at zero, as in transformers.
 
-    Returns the params (numpy arrays, checkpoint dtypes), the checkpoint
-    tensors the head does not use, and the paths filled from `head_params`. Raises ValueError
-    for missing, unexpected or mis-shaped tensors, a vocab-size mismatch, or a tied alias that
-    differs from the tensor it aliases.
+    Names and shapes are checked before any tensor is read (from `state_dict.shapes` when it has
+    them: a `reader.LazyTensors` reads each value from disk when looked up). Then each parameter
+    is looked up once and passed through `transform(path, array)` (path in the returned tree's
+    layout) before the next is looked up: a loader that quantizes or places each one there never
+    holds the float checkpoint whole.
+
+    Returns the params (numpy arrays in the checkpoint's dtypes, or what `transform` made of
+    them), the checkpoint tensors the head does not use, and the paths filled from
+    `head_params`. Raises ValueError for missing, unexpected or mis-shaped tensors, a vocab-size
+    mismatch, a tied alias that differs from the tensor it aliases, or (with `strict`) unused
+    tensors.
     """
     _check_config(config)
     spec = head_spec(head)
@@ -245,33 +274,31 @@ def convert_hf_state_dict(
     fillers = _flat_head_params(head_params, expected, head)
 
     original = _prefixed_names(state_dict)
-    checkpoint = {key: state_dict[name] for key, name in original.items()}
-    used = _gather_word_embeddings(checkpoint, original, config, spec)
+    stored = _stored_shapes(state_dict)
+    sources = dict(original)  # prefixed key -> the checkpoint key its tensor is read from
+    used = _gather_word_embeddings(state_dict, stored, original, sources, config, spec)
     embedding_key, _ = _tied_embedding_keys(config, spec)
 
-    flat, missing, missing_head, wrong_shape, filled = {}, [], [], [], []
+    read, filled, zeros, missing, missing_head, wrong_shape = {}, [], [], [], [], []
     for path, shape in expected.items():
         key = hf_key(path)
-        if key in checkpoint:
+        if key in sources:
             used.add(key)
-            array = np.asarray(checkpoint[key])
-            if array.shape != tuple(shape):
-                wrong_shape.append(f"{original.get(key, key)} (expected {tuple(shape)}, found {array.shape})")
-            flat[path] = array
+            found = tuple(stored[sources[key]])
+            if found != tuple(shape):
+                wrong_shape.append(f"{original.get(key, key)} (expected {tuple(shape)}, found {found})")
+            read[path] = sources[key]
         elif path in fillers:
-            flat[path] = fillers[path]
-            filled.append("/".join(path))
+            filled.append(path)
         elif path == ("final_logits_bias",):
-            # Old checkpoints lack it; transformers starts it at zero too.
-            dtype = np.asarray(checkpoint[embedding_key]).dtype if embedding_key in checkpoint else np.float32
-            flat[path] = np.zeros(shape, dtype)
+            zeros.append(path)  # old checkpoints lack it; transformers starts it at zero too
         elif path[0] == BASE_MODEL:
             missing.append(key[len(_MODEL_PREFIX):] if bare else key)
         else:
             missing_head.append(key)
 
     unused, unexpected = [], []
-    for key in checkpoint.keys() - used:
+    for key in original.keys() - used:
         (unused if _belongs_to_absent_part(key, prefixed_shapes) else unexpected).append(original[key])
 
     untied_hint = "" if config.tie_word_embeddings else " (tie_word_embeddings is false, so each is its own tensor)"
@@ -283,11 +310,32 @@ def convert_hf_state_dict(
             f"the checkpoint has no weights for the {head} head ({_listing(missing_head)}); to start "
             f"them from scratch, pass their initial values as head_params"
         )
-    params = traverse_util.unflatten_dict(flat)
+    if strict and unused:
+        raise ValueError(
+            f"checkpoint tensors not used by {head}: {_listing(sorted(unused))} (pass strict=False to drop them)"
+        )
+
+    flat = {}
+
+    def put(path: tuple[str, ...], value: Any) -> None:
+        flat[path] = value if transform is None else transform(path[1:] if bare else path, value)
+
+    table_dtype = np.float32  # that of the word embeddings, for a zero final_logits_bias
+    for path, name in read.items():
+        value = np.asarray(state_dict[name])
+        if hf_key(path) == embedding_key:
+            table_dtype = value.dtype
+        put(path, value)
+        del value  # before the next tensor is read
+    for path in filled:
+        put(path, fillers[path])
+    for path in zeros:
+        put(path, np.zeros(expected[path], table_dtype))
+    params = traverse_util.unflatten_dict({path: flat[path] for path in expected})
     return Conversion(
         params=params[BASE_MODEL] if bare else params,
         unused_keys=tuple(sorted(unused)),
-        from_head_params=tuple(filled),
+        from_head_params=tuple("/".join(path) for path in filled),
     )
 
 
@@ -299,19 +347,17 @@ def hf_to_flax(
     head_params: Params | None = None,
     strict: bool = True,
     scan_layers: bool = False,
+    transform: Transform | None = None,
 ) -> Params:
-    """The Flax params of `head` from a Hugging Face state dict (see `convert_hf_state_dict`).
+    """The Flax params of `head` from a Hugging Face state dict (see `convert_hf_state_dict`,
+    which also says what `transform` does).
 
     With `strict`, checkpoint tensors the head does not use (e.g. `lm_head.weight` when
     loading a classifier) are an error; otherwise they are dropped (`convert_hf_state_dict`
     lists them). With `scan_layers`, layers come stacked (`stack_layers`).
     """
-    conversion = convert_hf_state_dict(state_dict, config, head, head_params=head_params)
-    if strict and conversion.unused_keys:
-        raise ValueError(
-            f"checkpoint tensors not used by {head}: {_listing(conversion.unused_keys)} "
-            f"(pass strict=False to drop them)"
-        )
+    conversion = convert_hf_state_dict(state_dict, config, head, head_params=head_params, strict=strict,
+                                       transform=transform)
     return stack_layers(conversion.params) if scan_layers else conversion.params
 
 
@@ -328,52 +374,25 @@ def flax_to_hf(params: Params, config: BartConfig, head: str) -> dict[str, np.nd
     }
 
 
-# --- stacked layers (scan_layers) ------------------------------------------------------------------
-def stack_layers(params: Params) -> Params:
-    """The layout of `scan_layers=True` modules: each group `layers_0 ... layers_{n-1}` becomes
-    one `layers` subtree whose arrays are stacked along a new leading axis [n, ...]. Already
-    stacked params pass through unchanged; numpy stays numpy, device arrays stay on device."""
-    if not isinstance(params, Mapping):
-        return params
-    numbered = sorted((int(match.group(1)), key) for key in params if (match := _FLAX_LAYER.match(key)))
-    stacked = {key: stack_layers(value) for key, value in params.items() if not _FLAX_LAYER.match(key)}
-    if numbered:
-        indices = [index for index, _ in numbered]
-        if "layers" in params:
-            raise ValueError(f"params hold both stacked `layers` and numbered layers {indices}")
-        if indices != list(range(len(indices))):
-            raise ValueError(f"layers are numbered {indices}; stacking needs 0 .. {len(indices) - 1}")
-
-        def stack(*values):
-            on_device = any(isinstance(value, jax.Array) for value in values)
-            return jnp.stack(values) if on_device else np.stack([np.asarray(value) for value in values])
-
-        stacked["layers"] = jax.tree_util.tree_map(stack, *(params[key] for _, key in numbered))
-    return stacked
+def _float_dtype(dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"cast_params needs a floating-point dtype, got {dtype}")
+    return dtype
 
 
-def unstack_layers(params: Params) -> Params:
-    """The inverse of `stack_layers`: each stacked `layers` subtree [n, ...] becomes `layers_0 ...
-    layers_{n-1}`. Unstacked params pass through unchanged."""
-    if not isinstance(params, Mapping):
-        return params
-    unstacked = {key: unstack_layers(value) for key, value in params.items() if key != "layers"}
-    if "layers" in params:
-        num_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
-        for index in range(num_layers):
-            unstacked[f"layers_{index}"] = jax.tree_util.tree_map(lambda value: value[index], params["layers"])
-    return unstacked
+def cast_leaf(leaf: Any, dtype) -> Any:
+    """`leaf` cast to `dtype` if it is a floating-point array of another dtype; other arrays and
+    int8 weights (whose scales stay float32) unchanged."""
+    dtype = _float_dtype(dtype)
+    if isinstance(leaf, QuantizedWeight) or not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.dtype == dtype:
+        return leaf
+    return leaf.astype(dtype)
 
 
 def cast_params(params: Params, dtype) -> Params:
     """`params` with every floating-point array cast to `dtype` (e.g. "bfloat16"); other arrays and
-    int8 weights unchanged."""
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"cast_params needs a floating-point dtype, got {dtype}")
-    # int8 weights (bart_jax/model/quantization.py) keep their float32 scales.
-    return jax.tree.map(
-        lambda array: array.astype(dtype) if not isinstance(array, QuantizedWeight)
-        and jnp.issubdtype(array.dtype, jnp.floating) else array, params,
-        is_leaf=lambda leaf: isinstance(leaf, QuantizedWeight),
-    )
+    int8 weights unchanged (`cast_leaf`)."""
+    dtype = _float_dtype(dtype)
+    return jax.tree.map(lambda leaf: cast_leaf(leaf, dtype), params,
+                        is_leaf=lambda leaf: isinstance(leaf, QuantizedWeight))

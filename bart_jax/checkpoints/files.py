@@ -1,8 +1,8 @@
 """Checkpoint directories on disk: Hugging Face model directories and the converted bart_jax format.
 
 A Hugging Face directory holds `config.json` and weights as `model.safetensors`, sharded
-safetensors with `model.safetensors.index.json`, or `pytorch_model.bin` (possibly sharded).
-Safetensors files are read with `safetensors.numpy`; torch is imported only for `.bin` files.
+safetensors with `model.safetensors.index.json`, or `pytorch_model.bin` (possibly sharded); they
+are read by bart_jax/checkpoints/reader.py, safetensors a tensor at a time.
 
 A converted bart_jax directory holds `config.json`, the source's `generation_config.json` and
 tokenizer files, `params.safetensors` keyed by Flax paths joined with "/" (e.g.
@@ -21,25 +21,37 @@ import contextlib
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 from huggingface_hub import split_state_dict_into_shards_factory
-from safetensors import SafetensorError
 
-from bart_jax.checkpoints.conversion import Params, cast_params, check_params, convert_hf_state_dict, flax_to_hf
+from bart_jax.checkpoints.conversion import (
+    Params,
+    cast_params,
+    check_params,
+    check_shapes,
+    convert_hf_state_dict,
+    flax_to_hf,
+    hf_key,
+)
+from bart_jax.checkpoints.reader import (  # noqa: F401 (the names files.py has always offered)
+    HF_WEIGHT_NAMES,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    TORCH_WEIGHTS_INDEX_NAME,
+    TORCH_WEIGHTS_NAME,
+    check_weights,
+    load_hf_state_dict,
+    open_hf_state_dict,
+    open_safetensors,
+)
 from bart_jax.config import BartConfig
 from bart_jax.model import quantization
 from bart_jax.model.registry import check_head, head_from_config
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-TORCH_WEIGHTS_NAME = "pytorch_model.bin"
-TORCH_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
-# In the order transformers prefers them.
-HF_WEIGHT_NAMES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, TORCH_WEIGHTS_NAME, TORCH_WEIGHTS_INDEX_NAME)
 GENERATION_CONFIG_NAME = "generation_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -58,94 +70,6 @@ MODEL_FILES = (CONFIG_NAME, *HF_WEIGHT_NAMES, CONVERTED_PARAMS_NAME, CONVERTED_M
 # Version 2: linear weights [out, in] named `weight` (version 1: Flax `kernel` [in, out]).
 CONVERTED_FORMAT_VERSION = 2
 DTYPES = ("float32", "bfloat16")
-
-
-# --- reading Hugging Face weights ---------------------------------------------------------
-def check_weights(tensors: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
-    """Refuses tensors that are not floating point or hold NaN or infinite values, naming them and
-    `path`: a corrupt data section parses as well as a sound one and would load as NaN weights."""
-    # By name: ml_dtypes' bfloat16 (and float8) are not of numpy's floating kind "f".
-    not_float = [f"{key} ({array.dtype})" for key, array in tensors.items()
-                 if not np.dtype(array.dtype).name.startswith(("float", "bfloat"))
-                 and not quantization.is_qvalue(key, array)]
-    if not_float:
-        raise ValueError(f"{path}: weights must be floating point, found {', '.join(not_float[:8])}")
-    # min and max propagate NaN and reach any infinity, without a temporary as large as the tensor.
-    not_finite = [key for key, array in tensors.items()
-                  if array.size and not (np.isfinite(array.min()) and np.isfinite(array.max()))]
-    if not_finite:
-        raise ValueError(f"{path}: tensor(s) {', '.join(not_finite[:8])} hold NaN or infinite values (corrupt file)")
-    return tensors
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    try:
-        tensors = safetensors.numpy.load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
-    return check_weights(tensors, path)
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-    import ml_dtypes
-    import torch
-
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        # numpy has no bfloat16; reinterpret the bits as ml_dtypes' (the type JAX uses).
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
-    import torch
-
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch reports a corrupt file with many exception types
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(loaded, dict) or not all(isinstance(value, torch.Tensor) for value in loaded.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return check_weights({key: _torch_to_numpy(value) for key, value in loaded.items()}, path)
-
-
-def _read_sharded(index_path: str, read_shard: Callable[[str], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{index_path} is not a valid shard index ({error!r})") from None
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_path} is not a valid shard index (weight_map is not a mapping)")
-    directory = os.path.dirname(index_path)
-    state_dict: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.join(directory, shard)
-        if not os.path.isfile(shard_path):
-            raise ValueError(f"{index_path} lists shard {shard}, which is missing")
-        tensors = read_shard(shard_path)
-        absent = [key for key, name in weight_map.items() if name == shard and key not in tensors]
-        if absent:
-            raise ValueError(f"{shard_path} lacks tensors its index puts there: {', '.join(absent[:8])}")
-        state_dict.update(tensors)
-    return state_dict
-
-
-def load_hf_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The weights of a Hugging Face model directory as {key: numpy array}, shapes as stored
-    (linear weights [out, in]), dtypes as stored (bf16 as `ml_dtypes.bfloat16`)."""
-    directory = os.fspath(directory)
-    readers = {
-        SAFE_WEIGHTS_NAME: _read_safetensors,
-        SAFE_WEIGHTS_INDEX_NAME: lambda path: _read_sharded(path, _read_safetensors),
-        TORCH_WEIGHTS_NAME: _read_torch_bin,
-        TORCH_WEIGHTS_INDEX_NAME: lambda path: _read_sharded(path, _read_torch_bin),
-    }
-    for name in HF_WEIGHT_NAMES:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return readers[name](path)
-    raise ValueError(f"no weights in {directory}: expected one of {', '.join(HF_WEIGHT_NAMES)}")
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -251,7 +175,9 @@ def is_converted_directory(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, CONVERTED_MARKER_NAME))
 
 
-def _read_marker(directory: str) -> dict:
+def read_marker(directory: str | os.PathLike) -> dict:
+    """The marker of a converted bart_jax directory ({"format_version", "head", "dtype"}, and
+    "quantize", "quantize_layers" for int8 weights), checked."""
     path = os.path.join(directory, CONVERTED_MARKER_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"{directory} is not a converted bart_jax directory (no {CONVERTED_MARKER_NAME})")
@@ -269,16 +195,50 @@ def _read_marker(directory: str) -> dict:
     return marker
 
 
-def load_converted(directory: str | os.PathLike) -> tuple[BartConfig, Params, str]:
-    """(config, params as numpy arrays, head) of a converted bart_jax directory."""
+def load_converted(
+    directory: str | os.PathLike, transform: Optional[Callable[[tuple[str, ...], Any], Any]] = None
+) -> tuple[BartConfig, Params, str]:
+    """(config, params, head) of a converted bart_jax directory: numpy arrays, int8 weights as
+    `QuantizedWeight`s. Shapes are checked from the file's header before any tensor is read; then
+    each parameter is read and passed through `transform(path, leaf)` (e.g. quantized and put on
+    the device) before the next is read, so that the host never holds more than one at a time."""
     directory = os.fspath(directory)
-    marker = _read_marker(directory)
+    marker = read_marker(directory)
     head, config = marker["head"], BartConfig.from_pretrained(directory)
-    params = traverse_util.unflatten_dict(_read_safetensors(os.path.join(directory, CONVERTED_PARAMS_NAME)), sep="/")
-    if marker.get("quantize") is not None:  # int8 weights with their scales
-        params = quantization.from_arrays(params, marker["quantize"])
-    check_params(params, config, head)
-    return config, params, head
+    tensors = open_safetensors(os.path.join(directory, CONVERTED_PARAMS_NAME))
+    quantize = marker.get("quantize")
+    owners = quantization.quantized_owners(tensors) if quantize is not None else set()
+    # Flax path ("/"-joined) -> shape; an int8 weight's two arrays make one leaf, shaped as its qvalue.
+    shapes = {}
+    for key, shape in tensors.shapes.items():
+        owner, _, name = key.rpartition("/")
+        if owner in owners and name in quantization.ARRAYS:
+            if name == quantization.QVALUE:
+                shapes[owner] = shape
+        else:
+            shapes[key] = shape
+    check_shapes(shapes, config, head)
+    flat = {}
+    for key in shapes:
+        if key in owners:
+            leaf = quantization.weight_from_arrays(key, tensors[f"{key}/{quantization.QVALUE}"],
+                                                   tensors.get(f"{key}/{quantization.SCALE}"), quantize)
+        else:
+            leaf = tensors[key]
+        path = tuple(key.split("/"))
+        flat[path] = leaf if transform is None else transform(path, leaf)
+    return config, traverse_util.unflatten_dict(flat), head
+
+
+def open_converted_as_hf(directory: str | os.PathLike) -> Mapping[str, np.ndarray]:
+    """The float weights of a converted bart_jax directory under their Hugging Face names, each
+    read on access: what `flax_to_hf` makes of `load_converted`, without reading it whole. Shapes
+    are checked against the saved head first."""
+    directory = os.fspath(directory)
+    marker = read_marker(directory)
+    tensors = open_safetensors(os.path.join(directory, CONVERTED_PARAMS_NAME))
+    check_shapes(tensors.shapes, BartConfig.from_pretrained(directory), marker["head"])
+    return tensors.renamed({hf_key(tuple(key.split("/"))): key for key in tensors})
 
 
 # --- whole-directory conversions ----------------------------------------------------------

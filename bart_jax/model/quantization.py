@@ -26,6 +26,7 @@ Position embeddings, LayerNorms, biases and `final_logits_bias` stay in the para
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Optional, Sequence
 
 import jax
@@ -41,6 +42,7 @@ LAYERS = ("linear", "vocabulary")
 DEFAULT_LAYERS = ("linear", "vocabulary")
 # Names of the arrays of a QuantizedWeight in a flat tree (a converted directory's tensors).
 QVALUE, SCALE = "qvalue", "scale"
+ARRAYS = (QVALUE, SCALE)
 _VOCABULARY_MODULES = ("shared", "embed_tokens", "lm_head")
 
 
@@ -72,10 +74,24 @@ def layer_kind(path: Sequence[str], ndim: int) -> Optional[str]:
     return "linear" if name == "weight" else None
 
 
+# Compiled, once per shape: run op by op, qwix's steps would each hold a float32 temporary as large
+# as the weight, several at once (quantizing bart-base's 147 MiB vocabulary table took 430 MiB more).
+@functools.partial(jax.jit, static_argnames="activations")
 def _quantize(value: Any, activations: str) -> QuantizedWeight:
     if value.ndim == 3:  # stacked layers: one int8 weight per layer, each with its own scales
         return jax.vmap(lambda weight: quantize_weight(weight, activations))(value)
     return quantize_weight(value, activations)
+
+
+def quantize_leaf(path: Sequence[str], value: Any, quantize: str, layers: Optional[Iterable[str]] = None) -> Any:
+    """The parameter `value` at `path` as a `QuantizedWeight` of mode `quantize` if it is a weight
+    of `layers` (default DEFAULT_LAYERS, see `layer_kind`), else unchanged: `quantize_params`' rule
+    for one leaf, for loaders that quantize each weight as they read it."""
+    quantize, layers = check_quantize(quantize, layers)
+    if isinstance(value, QuantizedWeight):
+        raise ValueError("params are already quantized")
+    kind = layer_kind(path, getattr(value, "ndim", 0))
+    return _quantize(value, MODES[quantize]) if kind in layers else value
 
 
 def quantize_params(params: Params, quantize: str, layers: Optional[Iterable[str]] = None) -> Params:
@@ -86,11 +102,8 @@ def quantize_params(params: Params, quantize: str, layers: Optional[Iterable[str
     if quantization_of(params) is not None:
         raise ValueError("params are already quantized")
     flat = traverse_util.flatten_dict(params)
-    out = {}
-    for path, value in flat.items():
-        kind = layer_kind(path, getattr(value, "ndim", 0))
-        out[path] = _quantize(value, MODES[quantize]) if kind in layers else value
-    return traverse_util.unflatten_dict(out)
+    return traverse_util.unflatten_dict({path: quantize_leaf(path, value, quantize, layers)
+                                         for path, value in flat.items()})
 
 
 def _quantized_leaves(params: Params) -> dict:
@@ -131,10 +144,28 @@ def is_qvalue(key: str, array: Any) -> bool:
     return key.endswith("/" + QVALUE) and str(array.dtype) == "int8"
 
 
+def quantized_owners(keys: Iterable[str]) -> set[str]:
+    """The quantized weights ("/"-joined paths) of a flat tree of `to_arrays` ("/"-joined keys): the
+    owners of QVALUE arrays (a LayerNorm's `scale` has none)."""
+    return {key.rsplit("/", 1)[0] for key in keys if key.endswith("/" + QVALUE)}
+
+
 def unquantized_arrays(flat: dict[str, Any]) -> list:
     """The arrays of a flat tree of `to_arrays` ("/"-joined keys) other than quantized weights'."""
-    owners = {key.rsplit("/", 1)[0] for key in flat if key.endswith("/" + QVALUE)}
+    owners = quantized_owners(flat)
     return [value for key, value in flat.items() if key.rsplit("/", 1)[0] not in owners]
+
+
+def weight_from_arrays(name: str, qvalue: Any, scale: Any, quantize: str) -> QuantizedWeight:
+    """The `QuantizedWeight` of mode `quantize` stored as `qvalue` and `scale` (None when the file
+    lacks it) under `name`. ValueError when the pair is incomplete or mis-shaped."""
+    quantize, _ = check_quantize(quantize)
+    if scale is None:
+        raise ValueError(f"quantized weight {name} has {QVALUE} but no {SCALE}")
+    if str(qvalue.dtype) != "int8" or tuple(scale.shape) != tuple(qvalue.shape[:-1]) + (1,):
+        raise ValueError(f"quantized weight {name}: {QVALUE} must be int8 and {SCALE} shaped "
+                         f"{tuple(qvalue.shape[:-1]) + (1,)}, got {qvalue.dtype} and {tuple(scale.shape)}")
+    return from_values(qvalue, scale, MODES[quantize])
 
 
 def from_arrays(tree: Params, quantize: str) -> Params:
@@ -144,14 +175,7 @@ def from_arrays(tree: Params, quantize: str) -> Params:
     flat = traverse_util.flatten_dict(tree)
     # A quantized weight is the owner of a QVALUE array (a LayerNorm's `scale` has none).
     owners = {path[:-1] for path in flat if path[-1] == QVALUE}
-    out = {path: value for path, value in flat.items() if not (path[:-1] in owners and path[-1] in (QVALUE, SCALE))}
+    out = {path: value for path, value in flat.items() if not (path[:-1] in owners and path[-1] in ARRAYS)}
     for owner in owners:
-        qvalue, scale = flat[owner + (QVALUE,)], flat.get(owner + (SCALE,))
-        name = "/".join(owner)
-        if scale is None:
-            raise ValueError(f"quantized weight {name} has {QVALUE} but no {SCALE}")
-        if str(qvalue.dtype) != "int8" or tuple(scale.shape) != tuple(qvalue.shape[:-1]) + (1,):
-            raise ValueError(f"quantized weight {name}: {QVALUE} must be int8 and {SCALE} shaped "
-                             f"{tuple(qvalue.shape[:-1]) + (1,)}, got {qvalue.dtype} and {tuple(scale.shape)}")
-        out[owner] = from_values(qvalue, scale, MODES[quantize])
+        out[owner] = weight_from_arrays("/".join(owner), flat[owner + (QVALUE,)], flat.get(owner + (SCALE,)), quantize)
     return traverse_util.unflatten_dict(out)
