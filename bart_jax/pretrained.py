@@ -23,6 +23,7 @@ from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.generate import generate
 from bart_jax.model import quantization
 from bart_jax.model.kernels import check_kernels, settled
+from bart_jax.model.parameters import storage_dtype
 from bart_jax.model.registry import head_from_config, head_spec, heads_where
 from bart_jax.model.validation import check_inputs
 from bart_jax.tokenizer import BartTokenizer
@@ -102,10 +103,11 @@ def _resolve_head(config: BartConfig, head: Optional[str]) -> str:
     return head_from_config(config) if config.architectures else DEFAULT_HEAD
 
 
-def _placement(quantize: Optional[str], quantize_layers: tuple, param_dtype: Any,
+def _placement(quantize: Optional[str], quantize_layers: tuple, dtype: Any, param_dtype: Any,
                mesh: Optional[jax.sharding.Mesh]) -> Callable[[tuple[str, ...], Any], Any]:
     """What the loader does with each parameter as it is read (`transform` of the conversions):
-    quantize it (if asked and of `quantize_layers`), cast it to `param_dtype` and, without a mesh,
+    quantize it (if asked and of `quantize_layers`), cast it to `param_dtype` (None: to
+    `storage_dtype` for computing in `dtype`) and, without a mesh,
     put it on the device, before the next is read. So the float tree of an int8 model never exists
     whole, and a float model is never held twice (host and device) at once. With a mesh, the
     host tree is placed whole afterwards (`parallel.shard_params`, one shard per device)."""
@@ -118,7 +120,8 @@ def _placement(quantize: Optional[str], quantize_layers: tuple, param_dtype: Any
             array = quantization.quantize_leaf(path, array, quantize, quantize_layers)
         # Waited for, so that the host copy goes as soon as the caller drops it: a transfer or
         # computation still holding it would leave it to Python's next garbage collection.
-        return jax.block_until_ready(conversion.cast_leaf(array, param_dtype))
+        target = storage_dtype(path[-1], dtype) if param_dtype is None else param_dtype
+        return jax.block_until_ready(conversion.cast_leaf(array, target))
 
     return place
 
@@ -127,7 +130,7 @@ def load_pretrained(
     path_or_hub_id: str | os.PathLike,
     head: Optional[str] = None,
     dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
+    param_dtype: Any = None,
     *,
     head_params: Any = None,
     strict: bool = True,
@@ -142,7 +145,11 @@ def load_pretrained(
 
     head: a transformers class name ("BartForConditionalGeneration", ...); None takes the
     checkpoint's `architectures` (conditional generation when it names none). dtype: the
-    computation dtype; param_dtype: the dtype the weights are kept in.
+    computation dtype. param_dtype: the dtype every parameter is kept in (float32 for training
+    from these parameters in mixed precision); None, the default, keeps the weights the
+    computation casts to `dtype` (linear weights, embedding tables) in `dtype` and the rest
+    (biases, LayerNorms) in float32: the same results as float32 parameters, with less memory and
+    no cast of every weight in every call (bart_jax/model/parameters.py).
     head_params: initial values for head weights the checkpoint lacks (e.g. a fresh
     classification head on bart-large); without them such a load is an error, never a silent
     random init. strict: tensors of the checkpoint that `head` does not use are an error.
@@ -175,7 +182,7 @@ def load_pretrained(
             quantize = None
     else:
         head = _resolve_head(config, head)
-    place = _placement(quantize, quantize_layers, param_dtype, mesh)
+    place = _placement(quantize, quantize_layers, dtype, param_dtype, mesh)
     if converted and head == saved_head:
         params = files.load_converted(directory, transform=place)[1]
     else:  # read under Hugging Face names, converted to `head`
@@ -185,7 +192,8 @@ def load_pretrained(
         params = parallel.shard_params(params, mesh, parallel.RULES if rules is None else rules)
     spec = head_spec(head)
     # "auto" settled by where the parameters were placed: the module then traces once.
-    module = settled(spec.module(config, dtype=dtype, param_dtype=param_dtype, kernels=kernels), params, mesh)
+    module = settled(spec.module(config, dtype=dtype, param_dtype=param_dtype or jnp.float32, kernels=kernels),
+                     params, mesh)
     tokenizer = None
     if any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.json", "vocab.json")):
         tokenizer = BartTokenizer.from_pretrained(directory)

@@ -76,6 +76,26 @@ def test_bfloat16_load_runs_and_stays_close(generation_dir):
     assert np.abs(logits - reference).max() < 0.15
 
 
+def test_bfloat16_computation_keeps_its_weights_in_bfloat16_with_the_same_results(generation_dir):
+    # param_dtype None (the default): weights the computation casts to bfloat16 are stored so, the
+    # rest float32; outputs and generated ids equal those of float32 parameters.
+    _, directory = generation_dir
+    stored = load_pretrained(directory, dtype=jnp.bfloat16)
+    full = load_pretrained(directory, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    dtypes = {"/".join(str(getattr(key, "key", key)) for key in path): leaf.dtype
+              for path, leaf in jax.tree_util.tree_leaves_with_path(stored.params)}
+    wrong = {name: dtype for name, dtype in dtypes.items()
+             if dtype != (jnp.bfloat16 if name.rsplit("/", 1)[-1] in ("weight", "embedding") else jnp.float32)}
+    assert not wrong, f"parameters stored in the wrong dtype: {wrong}"
+    input_ids, attention_mask = random_batch(stored.config.vocab_size, seed=6)
+    for kernels in ("cpu", "portable"):
+        logits = [np.asarray(dataclasses.replace(model, module=model.module.clone(kernels=kernels))(
+            input_ids=input_ids, attention_mask=attention_mask).logits, np.float32) for model in (stored, full)]
+        assert np.array_equal(*logits), f"kernels={kernels}: max difference {np.abs(logits[0] - logits[1]).max()}"
+    ids = [np.asarray(model.generate(input_ids, attention_mask, num_beams=2, max_new_tokens=8)) for model in (stored, full)]
+    assert np.array_equal(*ids), f"generated ids differ:\n{ids[0]}\n{ids[1]}"
+
+
 def test_training_mode_uses_the_dropout_rng(generation_dir):
     _, directory = generation_dir
     pretrained = load_pretrained(directory)

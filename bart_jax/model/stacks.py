@@ -29,6 +29,7 @@ from jax import lax
 from bart_jax.config import BartConfig
 from bart_jax.model import losses
 from bart_jax.model.attention import combine_masks, make_causal_mask, padding_mask
+from bart_jax.model.kernels.embedding import lookup
 from bart_jax.model.layers import BartDecoderLayer, BartEncoderLayer, layer_norm, remat_layer, run_layer_stack
 from bart_jax.model.outputs import DecoderOutput, EncoderOutput
 from bart_jax.model.partitioning import HIDDEN, constrain
@@ -141,14 +142,15 @@ class LayerStackMixin:
         layernorm_embedding and dropout: [batch, length] ids -> [batch, length, d_model]."""
         if inputs_embeds is None:
             embed_scale = math.sqrt(self.config.d_model) if self.config.scale_embedding else 1.0
-            token_embeds = self.token_embedding(input_ids)
+            token_embeds = lookup(self.token_embedding.embedding, input_ids, self.dtype, self.kernels)
             # nn.Embedding(padding_idx=pad) in transformers: looking up the padding token passes
             # no gradient to its row (the tied LM head still does).
             if self.config.pad_token_id is not None:
                 token_embeds = jnp.where((input_ids == self.config.pad_token_id)[..., None],
                                          lax.stop_gradient(token_embeds), token_embeds)
             inputs_embeds = token_embeds * jnp.asarray(embed_scale, self.dtype)
-        hidden_states = inputs_embeds.astype(self.dtype) + self.embed_positions(positions + POSITION_OFFSET)[None]
+        position_embeds = lookup(self.embed_positions.embedding, positions + POSITION_OFFSET, self.dtype, self.kernels)
+        hidden_states = inputs_embeds.astype(self.dtype) + position_embeds[None]
         hidden_states = self.layernorm_embedding(hidden_states)
         return constrain(self.embedding_dropout(hidden_states, deterministic=deterministic), HIDDEN)
 

@@ -146,7 +146,9 @@ class BartJaxSystem:
                 updates, opt_state = optimizer.update(grads, opt_state, params)
                 return optax.apply_updates(params, updates), opt_state, loss
 
-            params = jax.tree_util.tree_map(jnp.array, self.model.params)
+            # float32 master weights, as mixed-precision training keeps them (the loaded model keeps
+            # its weights in the compute dtype for inference).
+            params = jax.tree_util.tree_map(lambda p: jnp.array(p, jnp.float32), self.model.params)
             self.train_state = (jax.jit(train_step, donate_argnums=(0, 1)), params, optimizer.init(params))
         return self.train_state
 

@@ -168,10 +168,24 @@ def project_cpu(inputs: jax.Array, weight: jax.Array, bias: Optional[jax.Array],
     if full_precision(dtype) and bias is not None and rows.shape[0] <= WEIGHT_FIRST_ROWS:
         outputs = _weight_by_rows_plus_bias(rows, weight, bias)
     else:
-        outputs = _product(rows, weight)
+        outputs = _low_precision_single_row_padded(_product, rows, weight)
         if bias is not None:
             outputs = outputs + bias.astype(jnp.float32)
     return outputs.reshape(inputs.shape[:-1] + weight.shape[:1])
+
+
+def _low_precision_single_row_padded(product, rows: jax.Array, weight: jax.Array) -> jax.Array:
+    """`product(rows, weight)` of rows [n, in]; a single bfloat16/float16 row gets a zero second
+    row, dropped from the result.
+
+    XLA's CPU backend has no bfloat16 matrix-vector product: with one row it converts the
+    operands to float32, and the weight's conversion, loop-invariant, moves out of the decoding
+    loop, so every call converts every decoder weight and the embedding table (bart-base greedy
+    search at batch 1: about 0.2 s a call). Two rows take the bfloat16 matmul, reading half
+    float32's bytes."""
+    if full_precision(rows.dtype) or rows.shape[0] != 1:
+        return product(rows, weight)
+    return product(jnp.pad(rows, [(0, 1), (0, 0)]), weight)[:1]
 
 
 def _weight_by_rows_plus_bias(rows: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
@@ -198,9 +212,11 @@ def vocabulary_cpu(inputs: jax.Array, weight: jax.Array, dtype: Dtype) -> jax.Ar
     """
     if math.prod(inputs.shape[:-1]) > FEW_ROWS:
         return project_cpu(inputs, weight, None, dtype)
-    outputs = lax.dot_general(weight.astype(dtype), inputs.astype(dtype), (((1,), (inputs.ndim - 1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    return jnp.moveaxis(outputs, 0, -1)
+    rows = inputs.reshape(-1, inputs.shape[-1]).astype(dtype)
+    outputs = _low_precision_single_row_padded(
+        lambda rows, weight: lax.dot_general(weight, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).T,
+        rows, weight.astype(dtype))
+    return outputs.reshape(inputs.shape[:-1] + weight.shape[:1])
 
 
 # --- the seam -------------------------------------------------------------------------------

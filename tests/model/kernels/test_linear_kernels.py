@@ -141,3 +141,23 @@ def test_portable_float32_product_sums_in_blocks_on_cpu_only_and_more_accurately
              for platform in ("cpu", "cuda", "tpu")}
     counts = {platform: text.count("stablehlo.dot_general") for platform, text in texts.items()}
     assert counts == {"cpu": ACCUMULATION_BLOCKS, "cuda": 1, "tpu": 1}, f"dot_general ops by platform: {counts}"
+
+
+@pytest.mark.parametrize("product", ["project", "vocabulary"])
+def test_single_bfloat16_row_takes_the_bfloat16_matmul_with_the_portable_values(product):
+    # One bfloat16 row is multiplied as two (a zero row added): XLA's CPU backend would otherwise
+    # convert the whole weight to float32 for a matrix-vector product.
+    rng = np.random.default_rng(3)
+    rows = jnp.asarray(rng.standard_normal((1, 1, 64)), jnp.bfloat16)
+    weight = jnp.asarray(rng.standard_normal((512, 64)), jnp.bfloat16)
+
+    def cpu(x, w):
+        return project_cpu(x, w, None, jnp.bfloat16) if product == "project" else vocabulary_cpu(x, w, jnp.bfloat16)
+
+    expected = np.asarray(project_portable(rows, weight, None, jnp.bfloat16))
+    output = np.asarray(jax.jit(cpu)(rows, weight))
+    assert output.shape == (1, 1, 512), f"shape {output.shape}"
+    np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5, err_msg="one bfloat16 row differs from portable")
+    text = jax.jit(cpu).lower(rows, weight).compile().as_text()
+    converted = [line.strip()[:120] for line in text.splitlines() if "f32[512,64]" in line and "convert(" in line]
+    assert not converted, f"the weight is converted to float32: {converted}"
