@@ -29,17 +29,20 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bart_jax import load_pretrained
 from bart_jax.model import quantization
 from bart_jax.tokenizer import BartTokenizer
 
-# (name, load_pretrained's quantize, quantize_layers)
+# (name, load_pretrained's quantize, quantize_layers, computation dtype)
 SETTINGS = (
-    ("int8", "int8", None),
-    ("int8, linear only", "int8", ("linear",)),
-    ("int8-weights", "int8-weights", None),
+    ("int8", "int8", None, jnp.float32),
+    ("int8, linear only", "int8", ("linear",), jnp.float32),
+    ("int8-weights", "int8-weights", None, jnp.float32),
+    ("int8, bfloat16 activations", "int8", None, jnp.bfloat16),
+    ("bfloat16 (no int8)", None, None, jnp.bfloat16),
 )
 MODEL = ("d_model=128,encoder_layers=2,decoder_layers=2,encoder_attention_heads=4,decoder_attention_heads=4,"
          "encoder_ffn_dim=512,decoder_ffn_dim=512,dropout=0.0,attention_dropout=0.0,max_position_embeddings=128")
@@ -130,8 +133,8 @@ def trained_model_rows(args, model_dir: str, texts: list[str], sentences_name: s
     base = run(reference)
     copied = agreement(base["greedy"][:, 1:], np.where(labels == -100, 1, labels), pad=1)[0]
     rows = [{"sentences": sentences_name, "setting": "float32", "loss": base["loss"], "copy_accuracy": copied}]
-    for name, quantize, layers in SETTINGS:
-        result = run(load_pretrained(model_dir, quantize=quantize, quantize_layers=layers))
+    for name, quantize, layers, dtype in SETTINGS:
+        result = run(load_pretrained(model_dir, dtype=dtype, quantize=quantize, quantize_layers=layers))
         greedy, beam = agreement(result["greedy"], base["greedy"], 1), agreement(result["beam"], base["beam"], 1)
         rows.append({"sentences": sentences_name, "setting": name, "loss": result["loss"],
                      "loss_difference": result["loss"] - base["loss"],
@@ -148,11 +151,17 @@ def random_model_rows() -> list[dict]:
 
     module, params = tiny_flax_model("BartForConditionalGeneration")
     input_ids, attention_mask = random_batch(module.config.vocab_size, batch=8, length=24)
-    forward = jax.jit(lambda p: module.apply({"params": p}, input_ids=input_ids, attention_mask=attention_mask).logits)
+
+    def forward(params, dtype=jnp.float32):
+        logits = module.clone(dtype=dtype).apply({"params": params}, input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits.astype(jnp.float32)
+
+    forward = jax.jit(forward, static_argnums=1)
     reference = np.asarray(forward(params))
     rows = []
-    for name, quantize, layers in SETTINGS:
-        logits = np.asarray(forward(quantization.quantize_params(params, quantize, layers)))
+    for name, quantize, layers, dtype in SETTINGS:
+        logits = np.asarray(forward(params if quantize is None else quantization.quantize_params(params, quantize, layers),
+                                    dtype))
         rows.append({"setting": name,
                      "relative_logit_error": float(np.linalg.norm(logits - reference) / np.linalg.norm(reference)),
                      "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean())})

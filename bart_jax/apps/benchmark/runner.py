@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: bart_jax (fp32, bf16, int8) against transformers (PyTorch eager and
+"""Side-by-side benchmark: bart_jax (fp32, bf16, int8 with fp32 or bf16 activations) against transformers (PyTorch eager and
 torch.compile) and CTranslate2 (fp32, int8), on the same random weights, in one run.
 
 Each system runs in its own worker process (so its peak memory is its own); the workloads are

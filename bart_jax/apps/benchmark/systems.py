@@ -4,7 +4,8 @@ the workloads' shapes, options and model flops.
 
 `bart_jax_int8` is `load_pretrained(..., quantize="int8")` with the default layers: int8 weights
 and inputs quantized per row, float32 elsewhere (bart_jax/model/quantization.py), as
-CTranslate2's int8 compute type. It runs inference only (no W4)."""
+CTranslate2's int8 compute type; `bart_jax_int8_bf16` the same with bfloat16 elsewhere (activations,
+attention, caches), as CTranslate2's int8_bfloat16. They run inference only (no W4)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ TINY_SHAPE = dict(vocab_size=50265, d_model=64, encoder_layers=2, decoder_layers
                   decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
 BEAM_OPTIONS = dict(num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True,
                     forced_bos_token_id=0, forced_eos_token_id=2)
-SYSTEMS = ("bart_jax", "bart_jax_bf16", "bart_jax_int8", "transformers", "torch_compile", "ctranslate2",
+SYSTEMS = ("bart_jax", "bart_jax_bf16", "bart_jax_int8", "bart_jax_int8_bf16", "transformers", "torch_compile", "ctranslate2",
            "ctranslate2_int8")
 WORKLOADS = ("W1", "W2", "W3", "W4")
 # Systems that can run each workload.
 SUPPORTS = {
     "bart_jax": WORKLOADS, "bart_jax_bf16": ("W1", "W2", "W3", "W4"), "bart_jax_int8": ("W1", "W2", "W3"),
+    "bart_jax_int8_bf16": ("W1", "W2", "W3"),
     "transformers": WORKLOADS,
     "torch_compile": WORKLOADS, "ctranslate2": ("W1", "W2", "W3"), "ctranslate2_int8": ("W1", "W2", "W3"),
 }
@@ -262,8 +264,8 @@ def make_system(name: str, setup: Setup):
         return BartJaxSystem(setup, "float32")
     if name == "bart_jax_bf16":
         return BartJaxSystem(setup, "bfloat16")
-    if name == "bart_jax_int8":
-        return BartJaxSystem(setup, "float32", quantize="int8")
+    if name in ("bart_jax_int8", "bart_jax_int8_bf16"):
+        return BartJaxSystem(setup, "bfloat16" if name.endswith("bf16") else "float32", quantize="int8")
     if name in ("transformers", "torch_compile"):
         return TorchSystem(setup, compiled=name == "torch_compile")
     return CTranslate2System(setup, "int8" if name == "ctranslate2_int8" else "float32")

@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 KERNELS = ("auto", "portable", "cpu", "tpu")
@@ -67,6 +68,19 @@ def dispatch(kernels: str, cpu: Callable, portable: Callable, *args: Any, tpu: O
     if tpu is portable:
         return lax.platform_dependent(*args, cpu=cpu, default=portable)
     return lax.platform_dependent(*args, cpu=cpu, tpu=tpu, default=portable)
+
+
+def with_second_row(product: Callable, rows: jax.Array, *operands: Any) -> jax.Array:
+    """`product(rows, *operands)` of rows [n, in] -> [n, ...]; a single row gets a zero second row,
+    dropped from the result.
+
+    XLA's CPU backend has no bfloat16 or int8 matrix-vector product: for one row it converts the
+    whole weight (to float32, or int8 to int32) and, the weight being loop-invariant, moves that
+    conversion out of the decoding loop, so every generation call converts every decoder weight.
+    Two rows take the matmul kernels, which read the weight as stored (docs/cpu-kernels.md)."""
+    if rows.shape[0] != 1:
+        return product(rows, *operands)
+    return product(jnp.pad(rows, [(0, 1), (0, 0)]), *operands)[:1]
 
 
 def float32_precision() -> Optional[lax.Precision]:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bart_jax.model.kernels import dispatch, float32_precision, quantized_linear
+from bart_jax.model.kernels import dispatch, float32_precision, quantized_linear, with_second_row
 
 Dtype = Any
 
@@ -175,17 +175,12 @@ def project_cpu(inputs: jax.Array, weight: jax.Array, bias: Optional[jax.Array],
 
 
 def _low_precision_single_row_padded(product, rows: jax.Array, weight: jax.Array) -> jax.Array:
-    """`product(rows, weight)` of rows [n, in]; a single bfloat16/float16 row gets a zero second
-    row, dropped from the result.
-
-    XLA's CPU backend has no bfloat16 matrix-vector product: with one row it converts the
-    operands to float32, and the weight's conversion, loop-invariant, moves out of the decoding
-    loop, so every call converts every decoder weight and the embedding table (bart-base greedy
-    search at batch 1: about 0.2 s a call). Two rows take the bfloat16 matmul, reading half
-    float32's bytes."""
-    if full_precision(rows.dtype) or rows.shape[0] != 1:
+    """`product(rows, weight)` of rows [n, in]; a single bfloat16/float16 row multiplied as two
+    (`with_second_row`: XLA's CPU backend would convert every decoder weight to float32 before
+    the decoding loop, in every call; bart-base greedy search at batch 1: about 0.2 s a call)."""
+    if full_precision(rows.dtype):
         return product(rows, weight)
-    return product(jnp.pad(rows, [(0, 1), (0, 0)]), weight)[:1]
+    return with_second_row(product, rows, weight)
 
 
 def _weight_by_rows_plus_bias(rows: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:

@@ -12,12 +12,13 @@ Two ways to multiply, named by the weight's static `activations` field:
              matmul; XLA's CPU backend converts the whole weight first (docs/cpu-kernels.md).
 
 Both go through `qwix.dot_general`, which takes `QArray` operands. Portable: one product over
-the inputs' leading axes. CPU: the product made 2-D (as every CPU product is), and the LM head
-weight-first for few rows, as in kernels/linear.py.
+the inputs' leading axes. CPU: the product made 2-D (as every CPU product is), a single row
+multiplied as two (`with_second_row`: for one row XLA's CPU backend converts the int8 weight to
+int32 before the decoding loop), and the LM head weight-first for few rows, as in kernels/linear.py.
 
 A `QuantizedWeight` converts to its dequantized float32 value wherever plain JAX code reads it as
-an array (`__jax_array__`): the token embedding lookup, which XLA fuses into the gather, so that
-only the looked-up rows are dequantized.
+an array (`__jax_array__`); the token embedding lookup (kernels/embedding.py) gathers int8 rows
+and scales instead, so that only the looked-up rows are dequantized.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from bart_jax.model.kernels import dispatch, float32_precision
+from bart_jax.model.kernels import dispatch, float32_precision, with_second_row
 
 Dtype = Any
 
@@ -112,7 +113,7 @@ def project_cpu(inputs: jax.Array, weight: QuantizedWeight, bias: Optional[jax.A
     """`project_portable` made 2-D: XLA's CPU backend multiplies a transposed copy of the weight
     when the inputs have more than two dimensions."""
     rows = inputs.reshape(-1, inputs.shape[-1])
-    outputs = _plus_bias(_rows_by_weight(rows, weight, dtype), bias)
+    outputs = _plus_bias(with_second_row(lambda x, w: _rows_by_weight(x, w, dtype), rows, weight), bias)
     return outputs.reshape(inputs.shape[:-1] + weight.shape[:1])
 
 
@@ -121,9 +122,13 @@ def vocabulary_cpu(inputs: jax.Array, weight: QuantizedWeight, dtype: Dtype) -> 
     weight-first for few rows (decoding steps), as the float LM head (kernels/linear.py)."""
     if math.prod(inputs.shape[:-1]) > FEW_ROWS or weight.activations != "int8":
         return project_cpu(inputs, weight, None, dtype)
-    rows = _quantized_rows(inputs.reshape(-1, inputs.shape[-1]))
-    outputs = qwix.dot_general(weight.array, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return outputs.T.reshape(inputs.shape[:-1] + weight.shape[:1])
+
+    def weight_first(rows, weight):
+        return qwix.dot_general(weight.array, _quantized_rows(rows), (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32).T
+
+    outputs = with_second_row(weight_first, inputs.reshape(-1, inputs.shape[-1]), weight)
+    return outputs.reshape(inputs.shape[:-1] + weight.shape[:1])
 
 
 # --- the seam -------------------------------------------------------------------------------

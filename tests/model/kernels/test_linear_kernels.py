@@ -161,3 +161,24 @@ def test_single_bfloat16_row_takes_the_bfloat16_matmul_with_the_portable_values(
     text = jax.jit(cpu).lower(rows, weight).compile().as_text()
     converted = [line.strip()[:120] for line in text.splitlines() if "f32[512,64]" in line and "convert(" in line]
     assert not converted, f"the weight is converted to float32: {converted}"
+
+
+@pytest.mark.parametrize("product", ["project", "vocabulary"])
+def test_single_row_times_an_int8_weight_converts_no_weight(product):
+    from bart_jax.model.kernels import quantized_linear
+
+    rng = np.random.default_rng(4)
+    weight = quantized_linear.quantize_weight(jnp.asarray(rng.standard_normal((512, 64)), jnp.float32))
+    rows = jnp.asarray(rng.standard_normal((1, 64)), jnp.float32)
+
+    def cpu(x, w):
+        if product == "project":
+            return quantized_linear.project_cpu(x, w, None, jnp.float32)
+        return quantized_linear.vocabulary_cpu(x, w, jnp.float32)
+
+    expected = np.asarray(quantized_linear.project_portable(rows, weight, None, jnp.float32))
+    np.testing.assert_allclose(np.asarray(jax.jit(cpu)(rows, weight)), expected, rtol=1e-5, atol=1e-4,
+                               err_msg="one row times an int8 weight differs from portable")
+    text = jax.jit(cpu).lower(rows, weight).compile().as_text()
+    converted = [line.strip()[:120] for line in text.splitlines() if "[512,64]" in line and "convert(" in line]
+    assert not converted, f"the int8 weight is converted: {converted}"
