@@ -23,7 +23,7 @@ from bart_jax.generation.config import GenerationConfig
 from bart_jax.generation.generate import generate
 from bart_jax.model import quantization
 from bart_jax.model.kernels import check_kernels, settled
-from bart_jax.model.parameters import storage_dtype
+from bart_jax.model.parameters import cast_leaf, param_dtype_for
 from bart_jax.model.registry import head_from_config, head_spec, heads_where
 from bart_jax.model.validation import check_inputs
 from bart_jax.tokenizer import BartTokenizer
@@ -107,7 +107,7 @@ def _placement(quantize: Optional[str], quantize_layers: tuple, dtype: Any, para
                mesh: Optional[jax.sharding.Mesh]) -> Callable[[tuple[str, ...], Any], Any]:
     """What the loader does with each parameter as it is read (`transform` of the conversions):
     quantize it (if asked and of `quantize_layers`), cast it to `param_dtype` (None: to
-    `storage_dtype` for computing in `dtype`) and, without a mesh,
+    `param_dtype_for` computing in `dtype`) and, without a mesh,
     put it on the device, before the next is read. So the float tree of an int8 model never exists
     whole, and a float model is never held twice (host and device) at once. With a mesh, the
     host tree is placed whole afterwards (`parallel.shard_params`, one shard per device)."""
@@ -120,8 +120,8 @@ def _placement(quantize: Optional[str], quantize_layers: tuple, dtype: Any, para
             array = quantization.quantize_leaf(path, array, quantize, quantize_layers)
         # Waited for, so that the host copy goes as soon as the caller drops it: a transfer or
         # computation still holding it would leave it to Python's next garbage collection.
-        target = storage_dtype(path[-1], dtype) if param_dtype is None else param_dtype
-        return jax.block_until_ready(conversion.cast_leaf(array, target))
+        target = param_dtype_for(path[-1], dtype) if param_dtype is None else param_dtype
+        return jax.block_until_ready(cast_leaf(array, target))
 
     return place
 

@@ -15,6 +15,7 @@ from hf_reference import hf_model, random_batch, save_hf_model
 from bart_jax import BartForConditionalGeneration, load_pretrained
 from bart_jax.checkpoints.files import convert_hf_directory
 from bart_jax.model.kernels import for_platform
+from bart_jax.model.parameters import weights_in_compute_dtype
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,9 @@ def test_bfloat16_computation_keeps_its_weights_in_bfloat16_with_the_same_result
     wrong = {name: dtype for name, dtype in dtypes.items()
              if dtype != (jnp.bfloat16 if name.rsplit("/", 1)[-1] in ("weight", "embedding") else jnp.float32)}
     assert not wrong, f"parameters stored in the wrong dtype: {wrong}"
+    recast = weights_in_compute_dtype(full.params, jnp.bfloat16)
+    same = jax.tree.map(lambda a, b: a.dtype == b.dtype and bool(jnp.array_equal(a, b)), recast, stored.params)
+    assert all(jax.tree_util.tree_leaves(same)), "weights_in_compute_dtype differs from the loaded bfloat16 weights"
     input_ids, attention_mask = random_batch(stored.config.vocab_size, seed=6)
     for kernels in ("cpu", "portable"):
         logits = [np.asarray(dataclasses.replace(model, module=model.module.clone(kernels=kernels))(

@@ -33,13 +33,13 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from bart_jax.checkpoints.stacking import NUMBERED_LAYER, stack_layers, unstack_layers
 from bart_jax.config import BartConfig
 from bart_jax.model.kernels.quantized_linear import QuantizedWeight
+from bart_jax.model.parameters import cast_leaf, float_dtype
 from bart_jax.model.registry import BASE_MODEL, REGISTRY, HeadSpec, head_spec, param_shapes
 
 Params = dict[str, Any]
@@ -374,25 +374,9 @@ def flax_to_hf(params: Params, config: BartConfig, head: str) -> dict[str, np.nd
     }
 
 
-def _float_dtype(dtype) -> jnp.dtype:
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"cast_params needs a floating-point dtype, got {dtype}")
-    return dtype
-
-
-def cast_leaf(leaf: Any, dtype) -> Any:
-    """`leaf` cast to `dtype` if it is a floating-point array of another dtype; other arrays and
-    int8 weights (whose scales stay float32) unchanged."""
-    dtype = _float_dtype(dtype)
-    if isinstance(leaf, QuantizedWeight) or not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.dtype == dtype:
-        return leaf
-    return leaf.astype(dtype)
-
-
 def cast_params(params: Params, dtype) -> Params:
     """`params` with every floating-point array cast to `dtype` (e.g. "bfloat16"); other arrays and
     int8 weights unchanged (`cast_leaf`)."""
-    dtype = _float_dtype(dtype)
+    dtype = float_dtype(dtype)
     return jax.tree.map(lambda leaf: cast_leaf(leaf, dtype), params,
                         is_leaf=lambda leaf: isinstance(leaf, QuantizedWeight))

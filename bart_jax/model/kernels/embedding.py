@@ -51,15 +51,16 @@ def _gather_bits(table: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 def _gather_bits_forward(table, ids):
-    return _gather_bits(table, ids), (ids, jnp.zeros((0,), table.dtype), table.shape[0])
+    # The table is a parameter, alive anyway: keeping it costs no memory.
+    return _gather_bits(table, ids), (table, ids)
 
 
 def _gather_bits_backward(residuals, output_gradient):
     # The gather's own transpose: each row's gradient is the sum of its lookups' gradients.
-    ids, dtype_carrier, rows = residuals
-    gradient = jnp.zeros((rows,) + output_gradient.shape[ids.ndim:], jnp.float32)
-    gradient = gradient.at[ids.reshape(-1)].add(output_gradient.reshape(-1, gradient.shape[-1]).astype(jnp.float32))
-    return gradient.astype(dtype_carrier.dtype), None
+    table, ids = residuals
+    gradient = jnp.zeros(table.shape, jnp.float32)
+    gradient = gradient.at[ids.reshape(-1)].add(output_gradient.reshape(-1, table.shape[-1]).astype(jnp.float32))
+    return gradient.astype(table.dtype), None
 
 
 _gather_bits.defvjp(_gather_bits_forward, _gather_bits_backward)
