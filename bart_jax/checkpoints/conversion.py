@@ -156,7 +156,6 @@ def check_shapes(found: Mapping[str, tuple], config: BartConfig, head: str) -> N
 
 def check_params(params: Params, config: BartConfig, head: str) -> None:
     """Raises ValueError naming every missing, extra or mis-shaped parameter of `params`."""
-    _check_config(config)
     found = traverse_util.flatten_dict(params, sep="/")
     check_shapes({path: tuple(np.shape(value)) for path, value in found.items()}, config, head)
 

@@ -166,16 +166,3 @@ def weight_from_arrays(name: str, qvalue: Any, scale: Any, quantize: str) -> Qua
         raise ValueError(f"quantized weight {name}: {QVALUE} must be int8 and {SCALE} shaped "
                          f"{tuple(qvalue.shape[:-1]) + (1,)}, got {qvalue.dtype} and {tuple(scale.shape)}")
     return from_values(qvalue, scale, MODES[quantize])
-
-
-def from_arrays(tree: Params, quantize: str) -> Params:
-    """The inverse of `to_arrays`: every dict holding QVALUE (and SCALE) becomes a `QuantizedWeight`
-    of mode `quantize`. ValueError when a pair is incomplete or mis-shaped."""
-    quantize, _ = check_quantize(quantize)
-    flat = traverse_util.flatten_dict(tree)
-    # A quantized weight is the owner of a QVALUE array (a LayerNorm's `scale` has none).
-    owners = {path[:-1] for path in flat if path[-1] == QVALUE}
-    out = {path: value for path, value in flat.items() if not (path[:-1] in owners and path[-1] in ARRAYS)}
-    for owner in owners:
-        out[owner] = weight_from_arrays("/".join(owner), flat[owner + (QVALUE,)], flat.get(owner + (SCALE,)), quantize)
-    return traverse_util.unflatten_dict(out)

@@ -122,11 +122,9 @@ def test_stacked_layers_quantize_per_layer(tiny):
     (lambda p: quantization.quantize_params(quantization.quantize_params(p, "int8"), "int8"), "already quantized"),
     (lambda p: quantize_weight(jnp.ones((2, 3, 4))), "2-D"),
     (lambda p: quantize_weight(jnp.ones((2, 3)), "int4"), "activations must be"),
-    (lambda p: quantization.from_arrays({"fc1": {"weight": {"qvalue": np.ones((2, 3), np.int8)}}}, "int8"),
-     "no scale"),
-    (lambda p: quantization.from_arrays({"fc1": {"weight": {"qvalue": np.ones((2, 3), np.float32),
-                                                            "scale": np.ones((2, 1), np.float32)}}}, "int8"),
-     "must be int8"),
+    (lambda p: quantization.weight_from_arrays("fc1/weight", np.ones((2, 3), np.int8), None, "int8"), "no scale"),
+    (lambda p: quantization.weight_from_arrays("fc1/weight", np.ones((2, 3), np.float32), np.ones((2, 1), np.float32),
+                                               "int8"), "must be int8"),
 ])
 def test_bad_settings_raise_value_error(tiny, call, message):
     with pytest.raises(ValueError, match=message):
