@@ -1,5 +1,6 @@
-"""Side-by-side benchmark: bart_jax (fp32, bf16, int8 with fp32 or bf16 activations) against transformers (PyTorch eager and
-torch.compile) and CTranslate2 (fp32, int8), on the same random weights, in one run.
+"""Side-by-side benchmark: bart_jax (fp32, bf16, int8 with fp32 or bf16 activations) against
+transformers (PyTorch eager and torch.compile) and CTranslate2 (fp32, int8), on the same random
+weights, in one run.
 
 Each system runs in its own worker process (so its peak memory is its own); the workloads are
 interleaved across systems, repeat by repeat. Workloads, on a batch of random source ids:
@@ -113,7 +114,7 @@ def worker(name: str, setup: Setup, training: bool, connection) -> None:
         keep_freed_host_memory()
     try:
         began = time.perf_counter()
-        system = make_system(name, setup)
+        system = make_system(name, setup, training)
         connection.send(("ready", time.perf_counter() - began))
     except Exception as error:  # noqa: BLE001 - a missing optional system is reported, not fatal
         connection.send(("unavailable", f"{type(error).__name__}: {error}"))

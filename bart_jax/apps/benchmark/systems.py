@@ -29,8 +29,8 @@ TINY_SHAPE = dict(vocab_size=50265, d_model=64, encoder_layers=2, decoder_layers
                   decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)
 BEAM_OPTIONS = dict(num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3, early_stopping=True,
                     forced_bos_token_id=0, forced_eos_token_id=2)
-SYSTEMS = ("bart_jax", "bart_jax_bf16", "bart_jax_int8", "bart_jax_int8_bf16", "transformers", "torch_compile", "ctranslate2",
-           "ctranslate2_int8")
+SYSTEMS = ("bart_jax", "bart_jax_bf16", "bart_jax_int8", "bart_jax_int8_bf16", "transformers", "torch_compile",
+           "ctranslate2", "ctranslate2_int8")
 WORKLOADS = ("W1", "W2", "W3", "W4")
 # Systems that can run each workload.
 SUPPORTS = {
@@ -117,10 +117,13 @@ def generation_options(workload: str, setup: Setup) -> dict:
 
 # --- systems ------------------------------------------------------------------------------
 class BartJaxSystem:
-    def __init__(self, setup: Setup, dtype: str, quantize: str | None = None):
+    def __init__(self, setup: Setup, dtype: str, quantize: str | None = None, training: bool = False):
         self.jax, self.jnp = jax, jnp
         compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-        self.model = load_pretrained(setup.model_dir, dtype=compute, quantize=quantize)
+        # Training keeps float32 master weights (mixed precision); inference keeps the weights it
+        # multiplies in the compute dtype (load_pretrained's default).
+        self.model = load_pretrained(setup.model_dir, dtype=compute, param_dtype=jnp.float32 if training else None,
+                                     quantize=quantize)
         self.setup = setup
         self.input_ids = jnp.asarray(source_ids(setup, self.model.config.vocab_size), jnp.int32)
         self.mask = jnp.ones_like(self.input_ids)
@@ -148,9 +151,7 @@ class BartJaxSystem:
                 updates, opt_state = optimizer.update(grads, opt_state, params)
                 return optax.apply_updates(params, updates), opt_state, loss
 
-            # float32 master weights, as mixed-precision training keeps them (the loaded model keeps
-            # its weights in the compute dtype for inference).
-            params = jax.tree_util.tree_map(lambda p: jnp.array(p, jnp.float32), self.model.params)
+            params = jax.tree_util.tree_map(jnp.array, self.model.params)
             self.train_state = (jax.jit(train_step, donate_argnums=(0, 1)), params, optimizer.init(params))
         return self.train_state
 
@@ -259,11 +260,12 @@ class CTranslate2System:
         return None, np.array([row + [1] * (width - len(row)) for row in rows])
 
 
-def make_system(name: str, setup: Setup):
+def make_system(name: str, setup: Setup, training: bool = False):
+    """The system `name` on `setup`'s model; `training`: for the training workload (W4)."""
     if name == "bart_jax":
-        return BartJaxSystem(setup, "float32")
+        return BartJaxSystem(setup, "float32", training=training)
     if name == "bart_jax_bf16":
-        return BartJaxSystem(setup, "bfloat16")
+        return BartJaxSystem(setup, "bfloat16", training=training)
     if name in ("bart_jax_int8", "bart_jax_int8_bf16"):
         return BartJaxSystem(setup, "bfloat16" if name.endswith("bf16") else "float32", quantize="int8")
     if name in ("transformers", "torch_compile"):
