@@ -27,12 +27,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bart_jax.model.kernels import dispatch, float32_precision, quantized_linear, with_second_row
+from bart_jax.model.kernels import FEW_ROWS, dispatch, float32_precision, quantized_linear, with_second_row
 
 Dtype = Any
 
-# Up to this many rows (batch x beams x tokens), the CPU LM head multiplies weight-first.
-FEW_ROWS = 256
 # Up to this many rows, CPU float32 products with a bias multiply weight-first.
 WEIGHT_FIRST_ROWS = 128
 # The portable float32 product on a CPU sums contractions of at least MIN_BLOCKED_SIZE terms in

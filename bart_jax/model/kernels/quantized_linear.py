@@ -31,13 +31,11 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from bart_jax.model.kernels import dispatch, float32_precision, with_second_row
+from bart_jax.model.kernels import FEW_ROWS, dispatch, float32_precision, with_second_row
 
 Dtype = Any
 
 ACTIVATIONS = ("int8", "float")
-# Up to this many rows the CPU LM head multiplies weight-first (kernels/linear.py `FEW_ROWS`).
-FEW_ROWS = 256
 
 
 @flax.struct.dataclass
