@@ -39,9 +39,6 @@ import jax.numpy as jnp
 from jax import lax
 
 KERNELS = ("auto", "portable", "cpu", "tpu")
-# Up to this many rows (batch x beams x tokens: the decoding steps) the CPU LM head multiplies
-# weight-first, float (kernels/linear.py) or int8 (kernels/quantized_linear.py).
-FEW_ROWS = 256
 
 
 def check_kernels(kernels: str) -> str:

@@ -27,10 +27,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bart_jax.model.kernels import FEW_ROWS, dispatch, float32_precision, quantized_linear, with_second_row
+from bart_jax.model.kernels import dispatch, float32_precision, quantized_linear, with_second_row
 
 Dtype = Any
 
+# Up to this many rows (batch x beams x tokens: the decoding steps) the CPU LM head multiplies
+# weight-first.
+FEW_ROWS = 256
 # Up to this many rows, CPU float32 products with a bias multiply weight-first.
 WEIGHT_FIRST_ROWS = 128
 # The portable float32 product on a CPU sums contractions of at least MIN_BLOCKED_SIZE terms in
@@ -228,6 +231,6 @@ def project(inputs: jax.Array, weight: jax.Array, bias: Optional[jax.Array], dty
 def vocabulary_product(inputs: jax.Array, weight: jax.Array, dtype: Dtype, kernels: str = "auto") -> jax.Array:
     """The LM head's product: inputs [..., in] @ weight [vocab, in].T -> float32 [..., vocab]."""
     if isinstance(weight, quantized_linear.QuantizedWeight):
-        return quantized_linear.vocabulary_product(inputs, weight, dtype, kernels)
+        return quantized_linear.project(inputs, weight, None, dtype, kernels)
     return dispatch(kernels, lambda x, w: vocabulary_cpu(x, w, dtype),
                     lambda x, w: project_portable(x, w, None, dtype), inputs, weight)

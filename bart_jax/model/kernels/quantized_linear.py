@@ -11,10 +11,12 @@ Two ways to multiply, named by the weight's static `activations` field:
              inputs in the compute dtype. On TPU and GPU XLA fuses the conversion into the
              matmul; XLA's CPU backend converts the whole weight first (docs/cpu-kernels.md).
 
-Both go through `qwix.dot_general`, which takes `QArray` operands. Portable: one product over
-the inputs' leading axes. CPU: the product made 2-D (as every CPU product is), a single row
-multiplied as two (`with_second_row`: for one row XLA's CPU backend converts the int8 weight to
-int32 before the decoding loop), and the LM head weight-first for few rows, as in kernels/linear.py.
+Portable: `qwix.dot_general`, which takes `QArray` operands, one product over the inputs' leading
+axes. CPU: the product made 2-D (as every CPU product is) and a single row multiplied as two
+(`with_second_row`: for one row XLA's CPU backend converts the int8 weight to int32 before the
+decoding loop); on CPUs with AVX512-VNNI the int8 x int8 product runs as uint8 x int8
+(kernels/uint8_dot.py: 2-4x faster, the same int32 values) and the scales are applied as qwix
+applies them, so the results equal the portable ones.
 
 A `QuantizedWeight` converts to its dequantized float32 value wherever plain JAX code reads it as
 an array (`__jax_array__`); the token embedding lookup (kernels/embedding.py) gathers int8 rows
@@ -23,7 +25,6 @@ and scales instead, so that only the looked-up rows are dequantized.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import flax
@@ -31,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from bart_jax.model.kernels import FEW_ROWS, dispatch, float32_precision, with_second_row
+from bart_jax.model.kernels import dispatch, float32_precision, with_second_row
+from bart_jax.model.kernels.uint8_dot import host_has_int8_units, signed_matmul
 
 Dtype = Any
 
@@ -107,25 +109,28 @@ def project_portable(inputs: jax.Array, weight: QuantizedWeight, bias: Optional[
 
 
 # --- CPU ------------------------------------------------------------------------------------
+def _rows_by_int8_weight_cpu(rows: jax.Array, weight: QuantizedWeight) -> jax.Array:
+    """rows [n, in] @ weight [out, in].T with int8 activations: float32 [n, out], equal to
+    `_rows_by_weight`'s. The int32 product runs as uint8 x int8 where the host has the units for
+    it; the scales are applied in qwix's order (row scales, then the weight's)."""
+    if not host_has_int8_units():
+        return _rows_by_weight(rows, weight, jnp.float32)
+    quantized = _quantized_rows(rows)
+    products = signed_matmul(quantized.qvalue, weight.array.qvalue)
+    return ((products * quantized.scale) * weight.array.scale.T).astype(jnp.float32)
+
+
 def project_cpu(inputs: jax.Array, weight: QuantizedWeight, bias: Optional[jax.Array], dtype: Dtype) -> jax.Array:
     """`project_portable` made 2-D: XLA's CPU backend multiplies a transposed copy of the weight
-    when the inputs have more than two dimensions."""
+    when the inputs have more than two dimensions. Rows-first at every row count: the LM head's
+    decoding steps too (the weight-first product that helps float weights, kernels/linear.py,
+    is slower here)."""
+    if weight.activations == "int8":
+        product = _rows_by_int8_weight_cpu
+    else:
+        product = lambda x, w: _rows_by_weight(x, w, dtype)  # noqa: E731
     rows = inputs.reshape(-1, inputs.shape[-1])
-    outputs = _plus_bias(with_second_row(lambda x, w: _rows_by_weight(x, w, dtype), rows, weight), bias)
-    return outputs.reshape(inputs.shape[:-1] + weight.shape[:1])
-
-
-def vocabulary_cpu(inputs: jax.Array, weight: QuantizedWeight, dtype: Dtype) -> jax.Array:
-    """The LM head on CPU: inputs [..., in], weight [vocab, in] -> float32 [..., vocab];
-    weight-first for few rows (decoding steps), as the float LM head (kernels/linear.py)."""
-    if math.prod(inputs.shape[:-1]) > FEW_ROWS or weight.activations != "int8":
-        return project_cpu(inputs, weight, None, dtype)
-
-    def weight_first(rows, weight):
-        return qwix.dot_general(weight.array, _quantized_rows(rows), (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32).T
-
-    outputs = with_second_row(weight_first, inputs.reshape(-1, inputs.shape[-1]), weight)
+    outputs = _plus_bias(with_second_row(product, rows, weight), bias)
     return outputs.reshape(inputs.shape[:-1] + weight.shape[:1])
 
 
@@ -139,8 +144,3 @@ def project(inputs: jax.Array, weight: QuantizedWeight, bias: Optional[jax.Array
     return dispatch(kernels, lambda x, w, b: project_cpu(x, w, b, dtype),
                     lambda x, w, b: project_portable(x, w, b, dtype), inputs, weight, bias)
 
-
-def vocabulary_product(inputs: jax.Array, weight: QuantizedWeight, dtype: Dtype, kernels: str = "auto") -> jax.Array:
-    """The LM head with an int8 table: inputs [..., in] @ weight [vocab, in].T -> float32 [..., vocab]."""
-    return dispatch(kernels, lambda x, w: vocabulary_cpu(x, w, dtype),
-                    lambda x, w: project_portable(x, w, None, dtype), inputs, weight)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bart_jax.model.kernels.linear import (ACCUMULATION_BLOCKS, WEIGHT_FIRST_ROWS, low_precision_product, project_cpu, project_portable,
-                                           vocabulary_cpu)
+                                           vocabulary_cpu, vocabulary_product)
 
 
 @pytest.mark.parametrize("rows", [1, 8, WEIGHT_FIRST_ROWS, WEIGHT_FIRST_ROWS + 1])
@@ -174,7 +174,7 @@ def test_single_row_times_an_int8_weight_converts_no_weight(product):
     def cpu(x, w):
         if product == "project":
             return quantized_linear.project_cpu(x, w, None, jnp.float32)
-        return quantized_linear.vocabulary_cpu(x, w, jnp.float32)
+        return vocabulary_product(x, w, jnp.float32, "cpu")
 
     expected = np.asarray(quantized_linear.project_portable(rows, weight, None, jnp.float32))
     np.testing.assert_allclose(np.asarray(jax.jit(cpu)(rows, weight)), expected, rtol=1e-5, atol=1e-4,
