@@ -15,7 +15,7 @@ Portable: `qwix.dot_general`, which takes `QArray` operands, one product over th
 axes. CPU: the product made 2-D (as every CPU product is) and a single row multiplied as two
 (`with_second_row`: for one row XLA's CPU backend converts the int8 weight to int32 before the
 decoding loop); on CPUs with AVX512-VNNI the int8 x int8 product runs as uint8 x int8
-(kernels/uint8_dot.py: 2-4x faster, the same int32 values) and the scales are applied as qwix
+(kernels/uint8_dot.py: 1.2-2.4x faster, the same int32 values) and the scales are applied as qwix
 applies them, so the results equal the portable ones.
 
 A `QuantizedWeight` converts to its dequantized float32 value wherever plain JAX code reads it as

@@ -4,7 +4,7 @@
 multiplying, and an int32 product runs at a fraction of an int8 one. XLA itself multiplies
 uint8 by int8 where the backend has units for it: its CPU backend hands the product to YNNPACK's
 AVX512-VNNI / AMX kernels, which take an unsigned and a signed operand (`vpdpbusd`) and run
-2-4x faster than its int8 x int8 kernels (docs/cpu-kernels.md). `uint8_int8_matmul` is a
+1.2-2.4x faster than its int8 x int8 kernels (docs/cpu-kernels.md). `uint8_int8_matmul` is a
 primitive whose lowering emits that mixed-type `dot_general` directly.
 
 The int8 x int8 products of kernels/quantized_linear.py use it on CPUs with those units: a signed
