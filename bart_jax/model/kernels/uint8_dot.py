@@ -27,6 +27,8 @@ from jax.extend.core import Primitive
 from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import batching, mlir
 
+from bart_jax.model.kernels import with_second_row
+
 uint8_int8_dot_p = Primitive("uint8_int8_dot")
 
 
@@ -43,9 +45,9 @@ def signed_matmul(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     """lhs int8 [m, k] @ rhs int8 [n, k].T -> int32 [m, n] through `uint8_int8_matmul`: the
     same integers as `lax.dot_general(..., preferred_element_type=int32)`."""
     unsigned = (lhs.astype(jnp.int16) + 128).astype(jnp.uint8)
-    # The sums by the same fast product (two rows of ones): `jnp.sum(rhs, axis=1, dtype=int32)`
+    # The sums by the same fast product with a row of ones: `jnp.sum(rhs, axis=1, dtype=int32)`
     # would convert the whole weight to int32 first, on every call.
-    weight_sums = uint8_int8_matmul(jnp.ones((2, rhs.shape[1]), jnp.uint8), rhs)[0]
+    weight_sums = with_second_row(uint8_int8_matmul, jnp.ones((1, rhs.shape[1]), jnp.uint8), rhs)[0]
     return uint8_int8_matmul(unsigned, rhs) - 128 * weight_sums
 
 
@@ -96,6 +98,7 @@ def _batching(args, dims):
 
 
 uint8_int8_dot_p.def_abstract_eval(_abstract)
-uint8_int8_dot_p.def_impl(lambda lhs, rhs: jax.jit(uint8_int8_dot_p.bind)(lhs, rhs))
+# Eager calls run the lowering through jit (one compiled program per shape).
+uint8_int8_dot_p.def_impl(jax.jit(uint8_int8_dot_p.bind))
 mlir.register_lowering(uint8_int8_dot_p, _lowering)
 batching.primitive_batchers[uint8_int8_dot_p] = _batching
