@@ -118,7 +118,7 @@ def attend_cache_cpu(queries: Array, key: Array, value: Array, layer_cache: dict
         unnormalized, total, maximum = unnormalized_softmax(scores)
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
         dropped = dropout(unnormalized, dropout_rate, rng)
-        product = weights_times_values(dropped.astype(dtype), from_storage(chunk_value).astype(dtype))
+        product = weights_times_values(dropped, from_storage(chunk_value).astype(dtype))
         return scores, maximum, total, product
 
     def unwritten(slots):

@@ -17,7 +17,7 @@ from bart_jax.model.kernels.attention import (attend, attend_cpu, attend_fused, 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weigh_values_is_softmax_times_values(queries, dtype):
     """One query per (batch, head) — a greedy decoding step — included: there the product runs
-    with a padded second row."""
+    with a padded second row, in float32 whatever the values' dtype (so as exact as float32)."""
     rng = np.random.default_rng(queries)
     scores = rng.standard_normal((2, 3, queries, 17)).astype(np.float32)
     scores[0, 1, :, 5:] = -np.inf  # slots not written yet
@@ -28,7 +28,7 @@ def test_weigh_values_is_softmax_times_values(queries, dtype):
     value_used = np.asarray(jnp.asarray(value, dtype).astype(jnp.float32))
     expected = expected_weights @ value_used
     assert output.shape == (2, 3, queries, 8) and output.dtype == jnp.float32
-    tolerance = 1e-5 if dtype == "float32" else 3e-2
+    tolerance = 1e-5 if dtype == "float32" or queries == 1 else 3e-2
     np.testing.assert_allclose(np.asarray(output), expected, atol=tolerance, rtol=tolerance,
                                err_msg=f"{queries} queries, {dtype}")
     np.testing.assert_allclose(np.asarray(weights), expected_weights, atol=1e-6)
