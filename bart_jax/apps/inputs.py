@@ -33,6 +33,8 @@ import sys
 import tempfile
 from typing import Any, Callable, Iterator, Optional
 
+from bart_jax.training.sources import load_hub_split
+
 TEXT_FIELDS = ("text", "document", "article")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv") + TABLE_SUFFIXES
@@ -302,22 +304,8 @@ def _saved_dataset_files(directory: str, split: Optional[str]) -> list[str]:
 
 
 # --- the hub -------------------------------------------------------------------------------------
-def load_hub_dataset(name: str, config: Optional[str], split: str):
-    """`datasets.load_dataset(name, config, split=split)`, with one-line errors."""
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError("--dataset-name needs the `datasets` package: pip install datasets") from None
-    try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as error:  # noqa: BLE001 - network, missing dataset, bad config: all reported alike
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"cannot load dataset {name!r} (config {config}, split {split}): {message}. Offline, "
-                         f"save it with `save_to_disk` where the hub can be reached and pass that directory") from None
-
-
 def _open_hub(name: str, config: Optional[str], split: Optional[str], fields: Fields) -> DocumentSource:
-    dataset = load_hub_dataset(name, config, split or "test")
+    dataset = load_hub_split(name, config, split or "test")
     chosen = fields.choose(list(dataset.column_names), f"dataset {name}")
 
     def rows(counts):

@@ -268,20 +268,29 @@ def _concat(sources: list[Any]) -> Any:
 
 
 _HUB_LOCK = threading.Lock()
+OFFLINE_HINT = ". Offline, save it with `save_to_disk` where the hub can be reached and pass that directory"
 
 
-def hub_source(name: str, config_name: Optional[str], split: str, limit: Optional[int] = None) -> DatasetSource:
-    """One split of a Hugging Face dataset (a hub name, or a local dataset directory or script), as
-    memory-mapped Arrow. ValueError naming the dataset when it cannot be loaded (e.g. offline)."""
+def load_hub_split(name: str, config_name: Optional[str], split: str):
+    """`datasets.load_dataset(name, config_name, split=split)`: one split of a Hugging Face dataset
+    (a hub name, or a local dataset directory or script), downloaded once into datasets' Arrow
+    cache. ValueError naming the dataset when it cannot be loaded, saying so when the hub is
+    unreachable (offline: `save_to_disk` it elsewhere and pass that directory)."""
     datasets = _datasets_module()
     with _HUB_LOCK:
         try:
-            dataset = datasets.load_dataset(name, config_name, split=split)
+            return datasets.load_dataset(name, config_name, split=split)
         except (ValueError, FileNotFoundError, ConnectionError, OSError) as error:
-            offline = " (the Hugging Face Hub is unreachable or HF_DATASETS_OFFLINE is set)" if _offline(error) else ""
+            offline = _offline(error)
             raise ValueError(f"cannot load split {split!r} of dataset {name!r}"
-                             f"{f' ({config_name})' if config_name else ''}{offline}: {error}") from None
-    source = DatasetSource(dataset, f"{name}[{split}]")
+                             f"{f' ({config_name})' if config_name else ''}"
+                             f"{' (the Hugging Face Hub is unreachable or HF_DATASETS_OFFLINE is set)' if offline else ''}"
+                             f": {error}{OFFLINE_HINT if offline else ''}") from None
+
+
+def hub_source(name: str, config_name: Optional[str], split: str, limit: Optional[int] = None) -> DatasetSource:
+    """One split of a Hugging Face dataset (`load_hub_split`), as memory-mapped Arrow."""
+    source = DatasetSource(load_hub_split(name, config_name, split), f"{name}[{split}]")
     return source if limit is None else LimitedSource(source, limit)
 
 
