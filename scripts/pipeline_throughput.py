@@ -36,11 +36,11 @@ from bart_jax.training.train_step import compile_train_step, make_train_step
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
-def repeated_corpus(directory: str, megabytes: int) -> str:
-    """The XSum extracts written over and over (each copy numbered) into a JSON-lines file."""
+def repeated_corpus(path: str, megabytes: int) -> str:
+    """A JSON-lines corpus of about `megabytes` MB at `path`: the XSum extracts, over and over, each
+    copy numbered so that no two documents are the same. Returns `path`."""
     with open(os.path.join(SHARED_DATA, "summarization", "xsum_bbc_extracts_dev.jsonl"), encoding="utf-8") as f:
         documents = [json.loads(line)["document"] for line in f if line.strip()]
-    path = os.path.join(directory, "corpus.jsonl")
     with open(path, "w", encoding="utf-8") as f:
         copy = 0
         while f.tell() < megabytes * 1_000_000:
@@ -103,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = BartTokenizer.from_pretrained(os.path.join(SHARED_DATA, "bart-tokenizer"))
     with tempfile.TemporaryDirectory() as directory:
-        corpus = args.train_file or repeated_corpus(directory, args.corpus_mb)
+        corpus = args.train_file or repeated_corpus(os.path.join(directory, "corpus.jsonl"), args.corpus_mb)
         batches = pipeline(corpus, tokenizer, args.rows, args.length)
         pipeline_seconds = time_pipeline(batches, args.batches)
         batch = next(batches)
