@@ -268,6 +268,7 @@ def _concat(sources: list[Any]) -> Any:
 
 
 _HUB_LOCK = threading.Lock()
+UNREACHABLE = " (the Hugging Face Hub is unreachable or HF_DATASETS_OFFLINE is set)"
 OFFLINE_HINT = ". Offline, save it with `save_to_disk` where the hub can be reached and pass that directory"
 
 
@@ -281,11 +282,9 @@ def load_hub_split(name: str, config_name: Optional[str], split: str):
         try:
             return datasets.load_dataset(name, config_name, split=split)
         except (ValueError, FileNotFoundError, ConnectionError, OSError) as error:
-            offline = _offline(error)
+            unreachable, hint = (UNREACHABLE, OFFLINE_HINT) if _offline(error) else ("", "")
             raise ValueError(f"cannot load split {split!r} of dataset {name!r}"
-                             f"{f' ({config_name})' if config_name else ''}"
-                             f"{' (the Hugging Face Hub is unreachable or HF_DATASETS_OFFLINE is set)' if offline else ''}"
-                             f": {error}{OFFLINE_HINT if offline else ''}") from None
+                             f"{f' ({config_name})' if config_name else ''}{unreachable}: {error}{hint}") from None
 
 
 def hub_source(name: str, config_name: Optional[str], split: str, limit: Optional[int] = None) -> DatasetSource:

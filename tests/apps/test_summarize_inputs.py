@@ -130,7 +130,8 @@ def test_hub_datasets_by_name_and_the_offline_error(monkeypatch):
     source = inputs.open_documents(None, dataset_name="cnn_dailymail", dataset_config="3.0.0",
                                    reference_field="highlights")
     assert read(source) == expected() and calls == [("cnn_dailymail", "3.0.0", "test")] and source.size == 5
-    with pytest.raises(ValueError, match="cannot load split 'validation' of dataset 'offline'.*unreachable.*Couldn't reach.*save_to_disk"):
+    with pytest.raises(ValueError, match="cannot load split 'validation' of dataset 'offline' "
+                                         r"\(the Hugging Face Hub is unreachable.*Couldn't reach.*save_to_disk"):
         inputs.open_documents(None, dataset_name="offline", split="validation")
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(ValueError, match="needs the `datasets` package"):
