@@ -211,7 +211,7 @@ def _datasets_module():
     try:
         import datasets
     except ImportError:
-        raise ValueError("reading parquet files, saved datasets and --dataset_name needs the `datasets` package "
+        raise ValueError("reading parquet files, saved datasets and hub datasets needs the `datasets` package "
                          "(pip install datasets)") from None
     return datasets
 

@@ -125,7 +125,9 @@ def weights_times_values(weights: Array, value: Array) -> Array:
     multiplied in float32: the matmul library's bfloat16 products of two rows by [keys, head_dim]
     run at a third of the float32 ones' rate, and cross-attention values, loop-invariant, are
     converted once before the decoding loop (as XLA already does with the keys, for want of a
-    bfloat16 matrix-vector product). Greedy bf16 W2, bart-base 8 x 512: 12% faster.
+    bfloat16 matrix-vector product). Greedy bf16 W2, bart-base 8 x 512: 12% faster. The decoder
+    cache's chunks, written every step, are converted every step: measured no slower than their
+    bfloat16 product (batch 1, 4 x 256 and 8 x 512).
     """
     single = weights.shape[-2] == 1
     if single:
